@@ -3,7 +3,13 @@
 Each record has a subject, a relation prompt template, the true object, a counterfactual object, two
 paraphrase prompts and neighbourhood prompts (other subjects, same relation, same true object). It is the
 shared data for causal tracing, ROME and forgetting. Which facts a model knows is computed, never typed:
-see :func:`known_facts`.
+see :func:`known_facts` and :func:`is_known`.
+
+Seven relations: ``landmark_city``, ``capital_of``, ``official_language``, ``continent``, ``city_country``,
+``athlete_sport``, ``product_maker``. A country is the only subject with its capital, so the neighbourhood
+prompts of ``capital_of`` records are landmarks of that capital (``"The Colosseum is located in the city
+of"`` for Italy): other subjects with the same object, in the nearest relation. No prompt contains its
+true object as a word.
 """
 
 from __future__ import annotations
@@ -46,10 +52,24 @@ def load_facts() -> list[Fact]:
     ]
 
 
+def relations(facts: list[Fact] | None = None) -> list[str]:
+    """The distinct relations of ``facts`` (default: the whole dataset), in order of first appearance."""
+    facts = load_facts() if facts is None else facts
+    return list(dict.fromkeys(f.relation for f in facts))
+
+
 @torch.no_grad()
+def is_known(model, tokenizer, facts: list[Fact] | None = None) -> list[bool]:
+    """For each fact: is the first token of ``" " + target_true`` the model's top-1 next token after the prompt?"""
+    facts = load_facts() if facts is None else facts
+    if not facts:
+        return []
+    probs = next_token_probs(model, tokenizer, [f.prompt for f in facts])
+    top = probs.argmax(dim=-1)
+    return [int(t) == first_token_id(tokenizer, f.target_true) for f, t in zip(facts, top)]
+
+
 def known_facts(model, tokenizer, facts: list[Fact] | None = None) -> list[Fact]:
     """The facts whose true object's first token is the model's top-1 prediction after the prompt."""
     facts = load_facts() if facts is None else facts
-    probs = next_token_probs(model, tokenizer, [f.prompt for f in facts])
-    top = probs.argmax(dim=-1)
-    return [f for f, t in zip(facts, top) if int(t) == first_token_id(tokenizer, f.target_true)]
+    return [f for f, known in zip(facts, is_known(model, tokenizer, facts)) if known]

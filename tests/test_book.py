@@ -1,0 +1,230 @@
+"""The book: configuration (fast checks) and the full build with -W (marker ``book``, run with --book after
+the notebooks' nbval run), whose pages must load nothing from another host."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML = ROOT / "_build" / "html"
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
+REPO = "https://github.com/engram-course/in-search-of-the-engram"
+
+
+def toc_files() -> list[str]:
+    files = [TOC["root"]]
+    for part in TOC["parts"]:
+        files += [c["file"] for c in part["chapters"]]
+    return files
+
+
+def source_of(entry: str) -> Path | None:
+    for suffix in (".md", ".ipynb"):
+        if (ROOT / (entry + suffix)).exists():
+            return ROOT / (entry + suffix)
+    return None
+
+
+# ---------------------------------------------------------------- configuration (fast)
+
+
+def test_toc_order_and_parts():
+    assert TOC["format"] == "jb-book" and TOC["root"] == "book/intro"
+    assert [p["caption"] for p in TOC["parts"]] == [
+        "Foundations", "Formation", "Retrieval", "Modification", "Forgetting", "Looking back",
+        "For teachers and reference"]
+    assert toc_files()[1:] == [
+        "book/engram", "book/formation", "notebooks/grafting", "book/retrieval", "notebooks/causal_tracing",
+        "book/modification", "notebooks/rome", "book/forgetting", "notebooks/forgetting", "book/limits",
+        "book/instructors", "book/glossary", "book/bibliography"]
+
+
+def test_every_toc_entry_exists():
+    missing = [f for f in toc_files() if source_of(f) is None]
+    assert not missing, f"_toc.yml lists files that do not exist: {missing}"
+    for entry in toc_files():
+        if entry.startswith("notebooks/"):
+            assert source_of(entry).suffix == ".ipynb", f"{entry} must be a notebook"
+
+
+def test_execution_and_offline_settings():
+    ex = CONFIG["execute"]
+    assert ex["execute_notebooks"] == "cache" and ex["timeout"] == 900
+    assert ex["raise_on_error"] is True and ex["allow_errors"] is False
+    assert CONFIG["only_build_toc_files"] is True
+    for pattern in ("_build", ".venv", "node_modules", "tests", "notebooks/student", "_assets"):
+        assert pattern in CONFIG["exclude_patterns"], pattern
+    sphinx = CONFIG["sphinx"]["config"]
+    scripts = [sphinx["mathjax_path"], *sphinx["nb_ipywidgets_js"]]
+    for script in scripts:
+        assert "://" not in script and not script.startswith("/"), f"{script} must be served by the book"
+    # Sphinx resolves these relative to the output's _static/; html_extra_path puts them there, while the
+    # source tree has no _static/vendor (each .js under a source _static/ would be injected into every page).
+    assert sphinx["html_extra_path"] == ["_assets"]
+    assert not (ROOT / "_static" / "vendor").exists()
+    assert CONFIG["repository"]["url"] == REPO and CONFIG["repository"]["branch"] == "main"
+    assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+
+
+def test_notebooks_hide_their_colab_cell():
+    for entry in toc_files():
+        src = source_of(entry)
+        if src is None or src.suffix != ".ipynb":
+            continue
+        import nbformat
+
+        nb = nbformat.read(src, as_version=4)
+        first = nb.cells[0]
+        assert first.cell_type == "code" and "google.colab" in first.source, f"{src.name}: first cell must be the Colab install cell"
+        assert "remove-cell" in first.metadata.get("tags", []), f"{src.name}: tag the Colab cell 'remove-cell'"
+        assert nb.metadata.get("kernelspec", {}).get("name") == "python3", f"{src.name}: kernelspec must be python3"
+
+
+# ---------------------------------------------------------------- the built book (--book)
+
+
+class ExternalRefs(HTMLParser):
+    """Collects URLs of resources a page *loads* (scripts, styles, images, frames, media, fonts)."""
+
+    LOADING = {"script": "src", "img": "src", "iframe": "src", "embed": "src", "source": "src", "audio": "src",
+               "video": "src", "track": "src", "object": "data", "input": "src"}
+
+    def __init__(self):
+        super().__init__()
+        self.urls: list[str] = []
+        self._style = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag in self.LOADING and a.get(self.LOADING[tag]):
+            self.urls.append(a[self.LOADING[tag]])
+        if tag == "img" and a.get("srcset"):
+            self.urls += [s.strip().split(" ")[0] for s in a["srcset"].split(",")]
+        if tag == "link" and a.get("href"):
+            rel = (a.get("rel") or "").lower().split()
+            if set(rel) & {"stylesheet", "preload", "modulepreload", "icon", "manifest", "prefetch", "preconnect",
+                           "dns-prefetch"}:
+                self.urls.append(a["href"])
+        if a.get("style"):
+            self.urls += css_urls(a["style"])
+        self._style = tag == "style"
+
+    def handle_endtag(self, tag):
+        self._style = False
+
+    def handle_data(self, data):
+        if self._style:
+            self.urls += css_urls(data)
+
+
+def css_urls(css: str) -> list[str]:
+    return re.findall(r"url\(\s*['\"]?([^'\")\s]+)", css) + re.findall(r"@import\s+['\"]([^'\"]+)", css)
+
+
+def external(urls: list[str]) -> list[str]:
+    return [u for u in urls if urlparse(u).scheme in ("http", "https") or u.startswith("//")]
+
+
+def test_external_ref_detector_catches_loads_and_ignores_links():
+    page = ('<html><head><script src="https://cdn.example/x.js"></script><link rel="stylesheet" '
+            'href="//fonts.example/a.css"><style>@import "http://x.example/b.css"; p{background:url(https://i.example/c.png)}'
+            '</style><script src="_static/ok.js"></script></head><body><a href="https://colab.research.google.com/">'
+            'Colab</a><img src="../_images/fine.png"></body></html>')
+    p = ExternalRefs()
+    p.feed(page)
+    assert sorted(external(p.urls)) == sorted(["https://cdn.example/x.js", "//fonts.example/a.css",
+                                               "http://x.example/b.css", "https://i.example/c.png"])
+
+
+@pytest.fixture(scope="session")
+def built():
+    """Build the book with -W (warnings are errors) into _build/html; returns the build log."""
+    env = {**os.environ, "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(ROOT), "-W", "--keep-going"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    log = out.stdout + out.stderr
+    (ROOT / "_build").mkdir(exist_ok=True)
+    (ROOT / "_build" / "book-build.log").write_text(log)
+    assert out.returncode == 0, "jupyter-book build -W failed:\n" + log[-6000:]
+    return log
+
+
+@pytest.mark.book
+def test_build_used_cached_notebooks(built):
+    """With ENGRAM_EXPECT_CACHED=1 (set by `make test` after nbval) no notebook may be executed again."""
+    executed = re.findall(r"(\S+\.ipynb): Executing notebook", built)
+    if os.environ.get("ENGRAM_EXPECT_CACHED") == "1":
+        assert not executed, f"these notebooks were executed again instead of taken from the cache: {executed}"
+    cached = re.findall(r"(\S+\.ipynb): Using cached notebook", built)
+    notebooks = [e for e in toc_files() if e.startswith("notebooks/")]
+    assert len(cached) + len(executed) == len(notebooks)
+
+
+@pytest.mark.book
+def test_every_toc_page_built(built):
+    for entry in toc_files():
+        assert (HTML / f"{entry}.html").exists(), entry
+
+
+@pytest.mark.book
+def test_no_page_loads_from_another_host(built):
+    pages = sorted(HTML.rglob("*.html"))
+    assert len(pages) >= len(toc_files())
+    offenders = {}
+    for page in pages:
+        p = ExternalRefs()
+        p.feed(page.read_text(encoding="utf-8"))
+        if ext := external(p.urls):
+            offenders[str(page.relative_to(HTML))] = ext
+    for css in sorted((HTML / "_static").rglob("*.css")):
+        if ext := external(css_urls(css.read_text(encoding="utf-8", errors="replace"))):
+            offenders[str(css.relative_to(HTML))] = ext
+    assert not offenders, f"pages load resources from other hosts: {offenders}"
+
+
+@pytest.mark.book
+def test_maths_and_widgets_served_locally(built):
+    mathjax = HTML / "_static" / "vendor" / "mathjax" / "tex-chtml.js"
+    assert mathjax.exists() and (HTML / "_static/vendor/mathjax/output/chtml/fonts/woff-v2").is_dir()
+    assert (HTML / "_static/vendor/requirejs/require.js").exists()
+    assert (HTML / "_static/vendor/html-manager/embed-amd.js").exists()
+    math_pages = widget_pages = 0
+    for page in HTML.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        scripts = re.findall(r'<script[^>]*src="([^"]+)"', text)
+        if "tex-chtml.js" in text:
+            math_pages += 1
+            src = next(s for s in scripts if "tex-chtml.js" in s)
+            assert (page.parent / src.split("?")[0]).resolve() == mathjax.resolve(), page
+        if "application/vnd.jupyter.widget-state+json" in text:
+            widget_pages += 1
+            for name in ("require.js", "embed-amd.js"):
+                src = next((s for s in scripts if s.split("?")[0].endswith(name)), None)
+                assert src is not None, f"{page}: widget page without {name}"
+                assert (page.parent / src.split("?")[0]).resolve().exists(), f"{page}: {src} missing"
+    assert math_pages > 0, "no page loads MathJax: is there maths in the book?"
+    with_widgets = [e for e in toc_files() if e.startswith("notebooks/")
+                    and re.search(r"ipywidgets|widgets\.|import widgets", source_of(e).read_text())]
+    if with_widgets:
+        assert widget_pages > 0, f"{with_widgets} use widgets but no built page carries a widget state"
+
+
+@pytest.mark.book
+def test_notebook_pages_offer_colab_and_hide_install_cell(built):
+    for entry in toc_files():
+        if not entry.startswith("notebooks/"):
+            continue
+        text = (HTML / f"{entry}.html").read_text(encoding="utf-8")
+        assert f"https://colab.research.google.com/github/engram-course/in-search-of-the-engram/blob/main/{entry}.ipynb" in text
+        assert "google.colab" not in text, f"{entry}: the Colab install cell must be hidden (remove-cell)"
+        assert 'class="output traceback' not in text and "Traceback (most recent call last)" not in text, entry
