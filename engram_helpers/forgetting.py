@@ -201,23 +201,6 @@ def text_batch(tokenizer, texts: Sequence[str], max_tokens: int = 48, device: st
     return {k: v[:, :max_tokens] for k, v in batch.items()}
 
 
-def text_attribution(model: nn.Module, tokenizer, texts: Sequence[str], max_tokens: int = 48,
-                     batch_size: int = 8) -> torch.Tensor:
-    """Like :func:`neuron_attribution`, for predicting each actual next token of ordinary ``texts``:
-    how much each neuron supports language modelling in general. Returns float [n_layers, d_mlp]."""
-    device = next(model.parameters()).device
-
-    def batches():
-        for s in range(0, len(texts), batch_size):
-            yield text_batch(tokenizer, texts[s:s + batch_size], max_tokens, device), None
-
-    def objective(logits, batch, _extra):
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, batch["input_ids"][:, 1:, None])[..., 0]
-        return (logp * batch["attention_mask"][:, 1:]).sum()
-
-    return _attribution(model, batches(), objective)
-
-
 @torch.no_grad()
 def next_token_accuracy(model: nn.Module, tokenizer, texts: Sequence[str], max_tokens: int = 48,
                         batch_size: int = 8) -> float:
@@ -315,11 +298,20 @@ def neutral_answer(model: nn.Module, tokenizer, fact: Fact, made_up: str = MADE_
     raise ValueError(f"No word-like answer among the top 10 tokens after {fact.template.format(made_up)!r}")
 
 
+def token_rank(probs: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Rank of each row's token among that row's probabilities: the number of tokens strictly more probable
+    (0 = top-1; ties count in the token's favour). probs: [n, vocab]; token_ids: [n] -> [n] (int64)."""
+    if probs.dim() != 2 or token_ids.shape != (probs.shape[0],):
+        raise ValueError(f"probs must be [n, vocab] and token_ids [n]; got {tuple(probs.shape)} and {tuple(token_ids.shape)}")
+    target = probs.gather(1, token_ids[:, None].long())
+    return (probs > target).sum(dim=1)
+
+
 def answer_rank(model: nn.Module, tokenizer, prompts: Sequence[str], answer: str) -> torch.Tensor:
     """Rank (0 = top) of the answer's first token in the next-token distribution after each prompt: [n]."""
     probs = next_token_probs(model, tokenizer, list(prompts))
-    target = probs[:, first_token_id(tokenizer, answer)]
-    return (probs > target[:, None]).sum(dim=1)
+    ids = torch.full((len(prompts),), first_token_id(tokenizer, answer))
+    return token_rank(probs, ids)
 
 
 def erasure_report(model: nn.Module, tokenizer, fact: Fact, target: str) -> dict:

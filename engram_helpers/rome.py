@@ -35,7 +35,8 @@ from torch import nn
 
 from . import models
 from .hooks import trace, trace_many
-from .models import DEFAULT_MODEL, answer_ids, arch, bos_prefix, encode, mlp_out_weight
+from .models import DEFAULT_MODEL, answer_ids, arch, encode, mlp_out_weight, next_token_probs
+from .tracing import subject_span
 
 # ----------------------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -72,7 +73,7 @@ PAPER_GPT2_XL = HParams(layer=17, v_steps=20, v_lr=0.5, v_weight_decay=0.5, kl_f
 and estimates C from 100,000 Wikipedia samples; here prefixes all have ``prefix_len`` tokens and C comes
 from ``cov_source``."""
 
-DEFAULT_HPARAMS = HParams(layer=4, v_steps=12, v_lr=0.1, v_weight_decay=0.5, kl_factor=0.0625, clamp_factor=4.0,
+DEFAULT_HPARAMS = HParams(layer=4, v_steps=20, v_lr=0.5, v_weight_decay=0.5, kl_factor=0.0625, clamp_factor=4.0,
                           nll_stop=0.05, n_prefixes=5, prefix_len=10, cov_tokens=20_000, cov_source="bbc")
 """Settings tuned for the offline default model (SmolLM2-135M): see ``notebooks/rome.ipynb`` for why."""
 
@@ -106,25 +107,12 @@ def _rome_cache() -> Path:
 # Subjects, prefixes and generation
 
 
-def subject_last_index(tokenizer, text: str, subject: str, start: int = 0) -> int:
-    """Index of the subject's last token in ``models.encode(tokenizer, text)`` (which prepends a prefix).
+def subject_last_index(tokenizer, text: str, subject: str) -> int:
+    """Index of the subject's last token in ``models.encode(tokenizer, text)`` (first occurrence).
 
-    The subject is searched in ``text`` from character ``start`` on. Raises ValueError if it is absent.
+    Raises ValueError, naming the subject and the prompt, if the subject is absent.
     """
-    # TODO: switch to tracing.locate_subject once the retrieval chapter's module provides it.
-    if not subject or not subject.strip():
-        raise ValueError("The subject is empty: give the words of the prompt the fact is about, e.g. 'The Eiffel Tower'.")
-    pos = text.find(subject, start)
-    if pos < 0:
-        raise ValueError(
-            f"The subject {subject!r} does not occur in the prompt {text[start:]!r}. Give the subject exactly "
-            f"as it is written in the prompt (same case and spelling)."
-        )
-    prefix = bos_prefix(tokenizer)
-    end = len(prefix) + pos + len(subject)  # one past the subject's last character
-    enc = tokenizer(prefix + text, add_special_tokens=False, return_offsets_mapping=True)
-    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end]
-    return max(inside)
+    return subject_span(tokenizer, text, subject)[1] - 1
 
 
 @torch.no_grad()
@@ -180,9 +168,9 @@ def _contexts(prefixes: Sequence[str]) -> list[str]:
     return ["{}"] + [p + ". {}" for p in prefixes]
 
 
-def _fill(contexts: Sequence[str], prompt: str) -> list[tuple[str, int]]:
-    """Each context with the prompt filled in, and the character where the prompt starts."""
-    return [(c.format(prompt), c.index("{}")) for c in contexts]
+def _fill(contexts: Sequence[str], prompt: str) -> list[str]:
+    """Each context with the prompt filled in."""
+    return [c.format(prompt) for c in contexts]
 
 
 def _check_subject(prompt: str, subject: str) -> None:
@@ -218,9 +206,8 @@ def compute_key(model: nn.Module, tokenizer, prompt: str, subject: str, layer: i
     """
     _check_subject(prompt, subject)
     prefixes = context_prefixes(model, tokenizer) if prefixes is None else prefixes
-    filled = _fill(_contexts(prefixes), prompt)
-    texts = [t for t, _ in filled]
-    idx = [subject_last_index(tokenizer, t, subject, start) for t, start in filled]
+    texts = _fill(_contexts(prefixes), prompt)
+    idx = [subject_last_index(tokenizer, t, subject) for t in texts]
     return mlp_keys(model, tokenizer, texts, idx, layer).mean(dim=0)
 
 
@@ -302,9 +289,8 @@ def compute_value(model: nn.Module, tokenizer, prompt: str, subject: str, target
 
     filled = _fill(_contexts(prefixes), prompt)
     kl_prompt = f"{subject} is a"
-    texts = [t for t, _ in filled] + [kl_prompt]
-    subj_idx = [subject_last_index(tokenizer, t, subject, s) for t, s in filled] + [
-        subject_last_index(tokenizer, kl_prompt, subject)]
+    texts = filled + [kl_prompt]
+    subj_idx = [subject_last_index(tokenizer, t, subject) for t in texts]
     n_rw = len(filled)
     input_ids, mask, pred_pos = _answer_batch(tokenizer, texts, [target] * n_rw + [[]], device)
     kl_pos = len(encode(tokenizer, kl_prompt)[0]["input_ids"][0]) - 1
@@ -679,16 +665,29 @@ def score_edit(model, tokenizer, fact) -> dict:
             "neighbourhood": (sum(neigh), len(neigh))}
 
 
+def _mean_kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Mean over rows of KL(p ‖ q) for probability rows p, q: [n, vocab]."""
+    p, q = p.double().clamp_min(1e-30), q.double().clamp_min(1e-30)
+    return float((p * (p.log() - q.log())).sum(-1).mean())
+
+
 @dataclass
 class Evaluation:
     """Per-fact rows and summed scores of :func:`evaluate`.
 
-    ``rows``: one dict per (fact, method) with the counts, the generation and the edit time;
+    ``rows``: one dict per (fact, method) with the counts, ``neighbourhood_kl`` (mean KL divergence, in nats,
+    of the next-token distribution on the neighbourhood prompts, unedited ‖ edited), the generation and
+    the time of k* and v*;
     ``summary``: ``{method: {score: (successes, total)}}``, including ``"unedited"`` (the model before any edit).
     """
 
     rows: list[dict]
     summary: dict[str, dict[str, tuple[int, int]]]
+
+    def mean(self, method: str, column: str) -> float:
+        """Mean of a numeric row column (e.g. ``"neighbourhood_kl"``) over the facts edited by ``method``."""
+        vals = [r[column] for r in self.rows if r["method"] == method]
+        return sum(vals) / len(vals) if vals else float("nan")
 
     def rate(self, method: str, score: str) -> float:
         """Fraction of successes of ``score`` for ``method``."""
@@ -731,6 +730,7 @@ def evaluate(model: nn.Module, tokenizer, facts: Sequence, layer: int | None = N
         before = score_edit(model, tokenizer, f)
         for k in keys:
             summary["unedited"][k] = tuple(a + b for a, b in zip(summary["unedited"][k], before[k]))
+        base = next_token_probs(model, tokenizer, list(f.neighbourhood)) if f.neighbourhood else None
         t0 = time.perf_counter()
         key = compute_key(model, tokenizer, f.prompt, f.subject, layer, prefixes)
         val = compute_value(model, tokenizer, f.prompt, f.subject, f.target_new, layer, key, hp, prefixes)
@@ -739,11 +739,12 @@ def evaluate(model: nn.Module, tokenizer, facts: Sequence, layer: int | None = N
             delta = rank_one_update(W, key, val.v, Cm if m == "rome" else None)
             with apply_update(model, layer, delta):
                 s = score_edit(model, tokenizer, f)
+                kl = _mean_kl(base, next_token_probs(model, tokenizer, list(f.neighbourhood))) if base is not None else 0.0
                 text = generate(model, tokenizer, f.prompt, generate_tokens) if generate_tokens else ""
             for k in keys:
                 summary[m][k] = tuple(a + b for a, b in zip(summary[m][k], s[k]))
             rows.append({"fact": f.id, "subject": f.subject, "target_new": f.target_new, "method": m, **s,
-                         "p_new_opt": val.p_new, "steps": len(val.losses), "seconds": t_kv, "generation": text})
+                         "neighbourhood_kl": kl, "p_new_opt": val.p_new, "steps": len(val.losses), "seconds": t_kv, "generation": text})
         if verbose:
             print(f"[{i + 1}/{len(facts)}] {f.subject!r} -> {f.target_new!r}: {len(val.losses)} steps, {t_kv:.1f} s")
     return Evaluation(rows, summary)

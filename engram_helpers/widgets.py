@@ -84,13 +84,17 @@ def predictions_table(rows: Sequence[tuple[str, list, list | None]], k: int) -> 
 
 
 def trace_summary(result) -> str:
-    """One sentence about a :class:`engram_helpers.tracing.TraceResult` (empty for other objects)."""
+    """One sentence about a :class:`engram_helpers.tracing.TraceResult` (empty for other objects):
+    the best restoration at the subject's last token, and the best anywhere."""
     try:
-        token, layer = result.peak()
-        return (f"p(answer): clean {result.clean_prob:.2f}, subject corrupted {result.corrupted_prob:.2f}; "
-                f"largest after restoring token {result.tokens[token]!r} at layer {layer}: "
-                f"{float(result.scores[token, layer]):.2f}.")
-    except (AttributeError, TypeError, IndexError):
+        last = result.subject_span[1] - 1
+        layer = int(result.scores[last].argmax())
+        token, layer_any = result.peak()
+        return (f"p(answer): clean {result.clean_prob:.2f}, subject corrupted {result.corrupted_prob:.2f}. "
+                f"Best restoration at the last subject token {result.tokens[last]!r}: layer {layer} "
+                f"({float(result.scores[last, layer]):.2f}); anywhere: token {result.tokens[token]!r}, "
+                f"layer {layer_any} ({float(result.scores[token, layer_any]):.2f}).")
+    except (AttributeError, TypeError, IndexError, ValueError):
         return ""
 
 

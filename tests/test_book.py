@@ -3,6 +3,7 @@ the notebooks' nbval run), whose pages must load nothing from another host."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -228,3 +229,60 @@ def test_notebook_pages_offer_colab_and_hide_install_cell(built):
         assert f"https://colab.research.google.com/github/engram-course/in-search-of-the-engram/blob/main/{entry}.ipynb" in text
         assert "google.colab" not in text, f"{entry}: the Colab install cell must be hidden (remove-cell)"
         assert 'class="output traceback' not in text and "Traceback (most recent call last)" not in text, entry
+
+
+# ---------------------------------------------------------------- nbval fills the book's execution cache
+
+
+def _notebook(cells: list[str]):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_markdown_cell("# A notebook\n\nMaths: $a^2$.")]
+    nb.cells += [nbformat.v4.new_code_cell(c) for c in cells]
+    return nb
+
+
+def test_nbval_run_is_reused_by_the_book_build(tmp_path):
+    """notebooks/conftest.py stores what nbval executed; the book build then executes nothing again."""
+    import nbformat
+    from jupyter_cache import get_cache
+
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "conftest.py").write_text((ROOT / "notebooks" / "conftest.py").read_text())
+    ok = _notebook([
+        "import ipywidgets as w\nw.IntSlider(value=7)",
+        "from IPython.display import clear_output\nfor i in range(3):\n    clear_output(wait=True)\n    print('step', i)",
+        "x = 6 * 7\nassert x == 42\nx",
+    ])
+    nbformat.write(ok, tmp_path / "notebooks" / "ok.ipynb")
+    nbformat.write(_notebook(["raise ValueError('broken on purpose')"]), tmp_path / "notebooks" / "bad.ipynb")
+    (tmp_path / "intro.md").write_text("# Tiny book\n")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: notebooks/ok\n")
+    (tmp_path / "_config.yml").write_text(
+        "title: t\nonly_build_toc_files: true\nexclude_patterns: [_build]\n"
+        "execute:\n  execute_notebooks: cache\n  raise_on_error: true\n  timeout: 120\n")
+    env = {k: v for k, v in os.environ.items() if k != "ENGRAM_BOOK_BUILD"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "notebooks",
+                          "-p", "no:cacheprovider", "-q"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert run.returncode == 1 and "1 failed" in run.stdout and "3 passed" in run.stdout, run.stdout + run.stderr
+
+    cache = get_cache(str(tmp_path / "_build" / ".jupyter_cache"))
+    records = cache.list_cache_records()
+    assert [Path(r.uri).name for r in records] == ["ok.ipynb"], "only the notebook without errors is stored"
+    stored = cache.get_cache_bundle(records[0].pk).nb
+    outputs = [c.outputs for c in stored.cells if c.cell_type == "code"]
+    assert outputs[1][0]["text"] == "step 2\n", "clear_output is honoured"
+    assert outputs[2][0]["data"]["text/plain"] == "42"
+    state = stored.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert any(s["model_name"] == "IntSliderModel" and s["state"]["value"] == 7 for s in state.values())
+    assert "ok.ipynb" in json.loads((tmp_path / "_build" / "notebook-times.json").read_text())
+
+    jb = str(Path(sys.executable).parent / "jupyter-book")
+    build = subprocess.run([jb, "build", str(tmp_path), "-W", "--keep-going"], capture_output=True, text=True)
+    log = build.stdout + build.stderr
+    assert build.returncode == 0, log[-4000:]
+    assert "ok.ipynb: Using cached notebook" in log and "Executing notebook" not in log, log[-4000:]
+    page = (tmp_path / "_build" / "html" / "notebooks" / "ok.html").read_text()
+    assert "application/vnd.jupyter.widget-state+json" in page and "step 2" in page and "step 1" not in page

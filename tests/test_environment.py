@@ -70,8 +70,6 @@ def test_pyproject_dependencies_are_pinned_compatibly():
     for line in declared:
         req = Requirement(line)
         name = canonicalize_name(req.name)
-        if name == "pyyaml":  # comes with jupyter-book
-            continue
         assert name in pinned, f"pyproject.toml needs {req.name} but requirements.txt does not pin it"
         assert req.specifier.contains(pinned[name], prereleases=True), (
             f"requirements.txt pins {req.name}=={pinned[name]}, outside pyproject.toml's {req.specifier}")

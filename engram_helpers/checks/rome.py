@@ -1,0 +1,140 @@
+"""Checks for the ROME notebook's exercises (``notebooks/rome.ipynb``).
+
+Each check runs the reader's function and the library's reference (:mod:`engram_helpers.rome`) on the
+same small inputs and raises :class:`~engram_helpers.checks.CheckFailed` with a hint about the likely
+mistake.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .. import rome
+from ..hooks import trace
+from ..models import arch, encode
+from ..tracing import subject_span
+from . import CheckFailed, assert_close, passed
+
+_CASES = (
+    ("The Eiffel Tower is located in the city of", "The Eiffel Tower"),
+    ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux"),
+)
+
+
+def _key_variants(model, tok, prompt: str, subject: str, layer: int, prefixes) -> dict[str, torch.Tensor]:
+    """Keys computed the wrong ways a reader might try, to recognise a mistake: name -> [d] tensor."""
+    texts = [prompt] + [f"{p}. {prompt}" for p in prefixes]
+    last_subj = [rome.subject_last_index(tok, t, subject) for t in texts]
+    last_tok = (encode(tok, texts)[1]).tolist()
+    first_subj = [subject_span(tok, t, subject)[0] for t in texts]
+    name = arch(model).mlp_out_name(layer)
+    batch, _ = encode(tok, texts)
+    with torch.no_grad(), trace(model, name, retain_input=True) as t:
+        model(**batch)
+    rows = torch.arange(len(texts))
+    return {
+        "output": t.output[rows, last_subj].mean(0),
+        "no_prefixes": t.input[0, last_subj[0]],
+        "last_token": t.input[rows, last_tok].mean(0),
+        "first_subject_token": t.input[rows, first_subj].mean(0),
+        "sum": t.input[rows, last_subj].sum(0),
+    }
+
+
+_KEY_HINTS = {
+    "output": "You returned the output of the MLP's output projection ([d_model]); the key is its *input* "
+              "(the MLP's hidden activation, [d_mlp]): use trace(..., retain_input=True) and t.input.",
+    "no_prefixes": "This is the key of the bare prompt only. Average over the bare prompt AND the prompt after "
+                   "each prefix (\"{prefix}. {prompt}\").",
+    "last_token": "You read the prompt's last token. The key sits at the subject's LAST token: use "
+                  "rome.subject_last_index(tok, text, subject).",
+    "first_subject_token": "You read the subject's first token; ROME uses its last token.",
+    "sum": "You summed over the prompts; take the mean.",
+}
+
+
+def check_compute_key(fn: Callable, model, tok, layer: int = 3) -> None:
+    """Check ``fn(model, tok, prompt, subject, layer, prefixes) -> [d_mlp]`` against :func:`rome.compute_key`."""
+    prefixes = ["Because it was late", "I think that"]
+    for prompt, subject in _CASES:
+        expected = rome.compute_key(model, tok, prompt, subject, layer, prefixes)
+        got = fn(model, tok, prompt, subject, layer, list(prefixes))
+        if not isinstance(got, torch.Tensor):
+            raise CheckFailed(f"compute_key returned {type(got).__name__}; return a torch.Tensor of shape [d_mlp].")
+        got = got.detach().float().cpu()
+        if got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+            continue
+        for wrong, value in _key_variants(model, tok, prompt, subject, layer, prefixes).items():
+            if got.shape == value.shape and torch.allclose(got, value.float(), atol=1e-4, rtol=1e-4):
+                raise CheckFailed(f"compute_key({subject!r}): {_KEY_HINTS[wrong]}")
+        assert_close(got, expected, f"compute_key({subject!r}, layer {layer})",
+                     "Texts are the prompt and f\"{prefix}. {prompt}\" for each prefix. Hook "
+                     "arch(model).mlp_out_name(layer) with retain_input=True, encode all texts with models.encode, "
+                     "read each row at its subject's last token, and average.", atol=1e-4)
+    passed("compute_key")
+
+
+def _small_problem(seed: int = 0, d_out: int = 5, d_in: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    k = torch.randn(d_in, generator=g, dtype=torch.float64)
+    v = torch.randn(d_out, generator=g, dtype=torch.float64)
+    A = torch.randn(d_in, 3 * d_in, generator=g, dtype=torch.float64)
+    C = A @ A.T / (3 * d_in) + 0.1 * torch.eye(d_in, dtype=torch.float64)
+    return W, k, v, C
+
+
+def check_rank_one_update(fn: Callable) -> None:
+    """Check ``fn(W, k, v, C) -> ΔW`` ([d_out, d_in]) against :func:`rome.rank_one_update`."""
+    for seed in range(3):
+        W, k, v, C = _small_problem(seed)
+        got = fn(W.clone(), k.clone(), v.clone(), C.clone())
+        if not isinstance(got, torch.Tensor):
+            raise CheckFailed(f"Return a torch.Tensor ΔW of shape {tuple(W.shape)}, not {type(got).__name__}.")
+        if got.shape == W.shape[::-1]:
+            raise CheckFailed(f"ΔW has shape {tuple(got.shape)}, the transpose of W's {tuple(W.shape)}: the outer "
+                              f"product is (column of size d_out) times (row of size d_in).")
+        expected = rome.rank_one_update(W, k, v, C)
+        got = got.double()
+        if got.shape == expected.shape and torch.allclose(got, expected, atol=1e-8, rtol=1e-6):
+            continue
+        u = torch.linalg.solve(C, k)
+        wrong = {
+            "The update ignores C: whiten the key with C⁻¹ (u = torch.linalg.solve(C, k)) in both the outer "
+            "product and the denominator.": torch.outer(v - W @ k, k) / (k @ k),
+            "You multiplied by C instead of solving with it: u = C⁻¹k is torch.linalg.solve(C, k), not C @ k.":
+                torch.outer(v - W @ k, C @ k) / ((C @ k) @ k),
+            "The anti-Hebbian term is missing: the residual is v − W k, not v, so that the old value W k is "
+            "removed rather than added to.": torch.outer(v, u) / (u @ k),
+            "The denominator is missing: divide by kᵀ C⁻¹ k so that (W + ΔW) k = v exactly.": torch.outer(v - W @ k, u),
+        }
+        for hint, value in wrong.items():
+            if got.shape == value.shape and torch.allclose(got, value, atol=1e-8, rtol=1e-6):
+                raise CheckFailed(hint)
+        if got.shape == W.shape and not torch.allclose((W + got) @ k, v, atol=1e-6):
+            raise CheckFailed("(W + ΔW) k should equal v, and it does not: ΔW = (v − W k) (C⁻¹k)ᵀ / (kᵀ C⁻¹ k).")
+        assert_close(got, expected, "ΔW", "ΔW = (v − W k) (C⁻¹k)ᵀ / (kᵀ C⁻¹ k).", atol=1e-8, rtol=1e-6)
+    passed("rank_one_update")
+
+
+def check_hebbian_update(fn: Callable) -> None:
+    """Check ``fn(k, v, eta) -> η v kᵀ`` ([d_out, d_in]) against :func:`rome.hebbian_update`."""
+    for seed in range(3):
+        _, k, v, _ = _small_problem(seed)
+        eta = 0.5 + seed
+        got = fn(k.clone(), v.clone(), eta)
+        if not isinstance(got, torch.Tensor):
+            raise CheckFailed(f"Return a torch.Tensor of shape [{len(v)}, {len(k)}], not {type(got).__name__}.")
+        expected = rome.hebbian_update(k, v, eta)
+        if got.shape == expected.shape[::-1]:
+            raise CheckFailed(f"Shape {tuple(got.shape)} is transposed: the weight maps the key (input, d_in="
+                              f"{len(k)}) to the value (output, d_out={len(v)}), so ΔW is [d_out, d_in] = v kᵀ.")
+        got = got.double()
+        if got.shape == expected.shape and torch.allclose(got, torch.outer(v, k), atol=1e-10):
+            raise CheckFailed("The learning rate η is missing: ΔW = η v kᵀ.")
+        if got.numel() == 1 or got.dim() != 2:
+            raise CheckFailed("ΔW must be a matrix: the outer product torch.outer(v, k), not a dot product.")
+        assert_close(got, expected, "ΔW", "ΔW = η · torch.outer(v, k).", atol=1e-10)
+    passed("hebbian_update")

@@ -1,0 +1,76 @@
+"""engram_helpers.checks.rome: each check passes the reference and fails known-wrong implementations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engram_helpers import rome
+from engram_helpers.checks import CheckFailed
+from engram_helpers.checks import rome as checks
+from engram_helpers.hooks import trace
+from engram_helpers.models import arch, encode
+
+
+def _key_from(model, tok, prompt, subject, layer, prefixes, *, output=False, use_prefixes=True,
+              position="subject_last", reduce="mean"):
+    texts = [prompt] + ([f"{p}. {prompt}" for p in prefixes] if use_prefixes else [])
+    batch, last = encode(tok, texts)
+    pos = last if position == "last" else torch.tensor([rome.subject_last_index(tok, t, subject) for t in texts])
+    with torch.no_grad(), trace(model, arch(model).mlp_out_name(layer), retain_input=True) as t:
+        model(**batch)
+    x = (t.output if output else t.input)[torch.arange(len(texts)), pos]
+    return x.mean(0) if reduce == "mean" else x.sum(0)
+
+
+def test_key_check_passes_reference_and_a_hand_written_solution(default_model):
+    model, tok = default_model
+    checks.check_compute_key(rome.compute_key, model, tok)
+    checks.check_compute_key(_key_from, model, tok)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (dict(output=True), "input"),
+    (dict(use_prefixes=False), "prefix"),
+    (dict(position="last"), "subject's LAST token"),
+    (dict(reduce="sum"), "mean"),
+])
+def test_key_check_catches_mistakes(default_model, wrong, hint):
+    model, tok = default_model
+    with pytest.raises(CheckFailed, match=hint):
+        checks.check_compute_key(lambda *a: _key_from(*a, **wrong), model, tok)
+
+
+def test_key_check_rejects_non_tensor(default_model):
+    model, tok = default_model
+    with pytest.raises(CheckFailed, match="torch.Tensor"):
+        checks.check_compute_key(lambda *a: [0.0], model, tok)
+
+
+def test_rank_one_check_passes_reference():
+    checks.check_rank_one_update(rome.rank_one_update)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (lambda W, k, v, C: torch.outer(v - W @ k, k) / (k @ k), "ignores C"),
+    (lambda W, k, v, C: torch.outer(v - W @ k, C @ k) / ((C @ k) @ k), "solve"),
+    (lambda W, k, v, C: torch.outer(v, torch.linalg.solve(C, k)) / (torch.linalg.solve(C, k) @ k), "anti-Hebbian"),
+    (lambda W, k, v, C: torch.outer(v - W @ k, torch.linalg.solve(C, k)), "denominator"),
+    (lambda W, k, v, C: torch.outer(torch.linalg.solve(C, k), v - W @ k), "transpose"),
+    (lambda W, k, v, C: torch.outer(v - W @ k, torch.linalg.solve(C, k)) / (k @ k), r"\(W \+ ΔW\) k should equal v"),
+])
+def test_rank_one_check_catches_mistakes(wrong, hint):
+    with pytest.raises(CheckFailed, match=hint):
+        checks.check_rank_one_update(wrong)
+
+
+def test_hebbian_check():
+    checks.check_hebbian_update(rome.hebbian_update)
+    with pytest.raises(CheckFailed, match="transposed"):
+        checks.check_hebbian_update(lambda k, v, eta: eta * torch.outer(k, v))
+    with pytest.raises(CheckFailed, match="η is missing"):
+        checks.check_hebbian_update(lambda k, v, eta: torch.outer(v, k))
+    with pytest.raises(CheckFailed, match="outer product"):
+        checks.check_hebbian_update(lambda k, v, eta: eta * (v[:3] @ k[:3]).reshape(1))
+    with pytest.raises(CheckFailed):
+        checks.check_hebbian_update(lambda k, v, eta: eta * torch.outer(v, k) + 1.0)
