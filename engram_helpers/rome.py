@@ -325,9 +325,10 @@ def compute_value(model: nn.Module, tokenizer, prompt: str, subject: str, target
             kl = F.kl_div(init_kl, kl_logp, log_target=True, reduction="sum")
             decay = delta.norm() / out_init.norm() ** 2
             total = nll + hp.kl_factor * kl + hp.v_weight_decay * decay
+        nll_v = nll.item()
         p_new = float(tok_logp.detach().sum(1).exp().mean())
-        losses.append({"nll": float(nll), "kl": float(kl), "decay": float(decay), "total": float(total)})
-        if float(nll) < hp.nll_stop:
+        losses.append({"nll": nll_v, "kl": kl.item(), "decay": decay.item(), "total": total.item()})
+        if nll_v < hp.nll_stop:
             break
         opt.zero_grad()
         total.backward()

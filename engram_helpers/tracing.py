@@ -13,8 +13,9 @@ The *indirect effect* of a state is ``p_restored - p_corrupt``. All patching goe
 :func:`engram_helpers.hooks.trace_many`; module names come from :func:`engram_helpers.models.arch`.
 
 :func:`trace_fact` batches many restorations into one forward pass, runs the clean pass once, skips
-tokens before the subject (the noise cannot reach them, so restoring them changes nothing) and computes
-logits at the last position only. :func:`trace_fact_plain` is the paper's plain loop (one forward pass
+tokens before the subject (the noise cannot reach them, so restoring them changes nothing), runs the
+layers below a restoration once per noise sample instead of once per restoration, and computes logits at
+the last position only. :func:`trace_fact_plain` is the paper's plain loop (one forward pass
 per location, clean row included), kept as the reference for tests and the benchmark.
 """
 
@@ -334,6 +335,44 @@ def _corrupted_prob(model, p: _Prepared) -> float:
 
 
 @torch.no_grad()
+def _restored_probs(model, names: list[str], p: _Prepared, clean: torch.Tensor, toks: torch.Tensor,
+                    centres: torch.Tensor, first: int, window: int) -> torch.Tensor:
+    """Target probability for R restorations (token ``toks[r]``, window centred at ``centres[r]``), all of
+    whose windows start at layer ``first``; mean over the noise samples. [R]
+
+    The corrupted run has n rows (one per noise sample) until the residual stream enters layer ``first``;
+    there it is repeated to R × n rows (row ``r * n + s``: restoration r, sample s).
+    """
+    n, n_layers, n_restore = p.noise.shape[0], len(names), len(toks)
+    device = p.noise.device
+    in_window = torch.zeros(n_restore, n_layers, dtype=torch.bool)
+    for r, c in enumerate(centres.tolist()):
+        in_window[r, layer_window(c, n_layers, window)] = True
+    a = arch(model)
+    widen_at = a.embed if first == 0 else a.layer_name(first - 1)
+
+    def edit(out: torch.Tensor, name: str) -> torch.Tensor:
+        if name == a.embed:
+            out = corrupt_embeddings(out, p.span, p.noise)
+        if name == widen_at:
+            out = out.repeat(n_restore, 1, 1)
+        if name in names:
+            r = in_window[:, names.index(name)].nonzero().reshape(-1)
+            if len(r):
+                rows = (r[:, None] * n + torch.arange(n)).reshape(-1).to(device)
+                pos = toks[r].repeat_interleave(n).to(device)
+                out = restore_state(out, clean[names.index(name)], rows, pos)
+        return out
+
+    hooked = list(dict.fromkeys([a.embed, widen_at, *names]))
+    # No attention mask: one prompt without padding, so every layer's mask and positions broadcast over the
+    # batch, which is widened inside the forward pass.
+    with trace_many(model, hooked, retain_output=False, edit_output=edit):
+        logits = _last_logits(model, {"input_ids": p.batch["input_ids"].expand(n, -1)}, p.last)
+    return torch.softmax(logits.float(), dim=-1)[:, p.target_id].reshape(n_restore, n).mean(dim=1).cpu()
+
+
+@torch.no_grad()
 def trace_fact(
     model: nn.Module,
     tokenizer,
@@ -366,37 +405,18 @@ def trace_fact(
     clean = torch.stack([clean_rec[m].output[0] for m in names])
 
     # Restorations that can matter: tokens from the subject's first token on, every (window) centre.
-    tok_idx, centre_idx = torch.meshgrid(torch.arange(p.span[0], n_tokens), torch.arange(n_layers), indexing="ij")
-    tok_idx, centre_idx = tok_idx.reshape(-1), centre_idx.reshape(-1)
-    in_window = torch.zeros(len(tok_idx), n_layers, dtype=torch.bool)  # [restorations, module layer]
-    for r, c in enumerate(centre_idx.tolist()):
-        in_window[r, layer_window(c, n_layers, win)] = True
-
+    # Restorations whose window starts at the same layer share the corrupted run below that layer: it runs
+    # once per noise sample, and the batch is widened to (restorations × samples) rows only there.
+    groups: dict[int, list[int]] = {}
+    for c in range(n_layers):
+        groups.setdefault(layer_window(c, n_layers, win)[0], []).append(c)
     scores = torch.full((n_tokens, n_layers), corrupted_prob)
     per_pass = max(1, batch_size // n)
-    device = p.noise.device
-    for start in range(0, len(tok_idx), per_pass):
-        sl = slice(start, start + per_pass)
-        toks, mask = tok_idx[sl], in_window[sl]
-        n_rows = len(toks) * n
-        sample_of_row = torch.arange(n_rows, device=device) % n
-
-        def edit(out: torch.Tensor, name: str) -> torch.Tensor:
-            r = mask[:, names.index(name)].nonzero().reshape(-1)
-            if len(r) == 0:
-                return out
-            rows = (r[:, None] * n + torch.arange(n)).reshape(-1).to(device)
-            pos = toks[r].repeat_interleave(n).to(device)
-            return restore_state(out, clean[names.index(name)], rows, pos)
-
-        batch = {k: v.expand(n_rows, -1) for k, v in p.batch.items()}
-        with trace(model, arch(model).embed, retain_output=False,
-                   edit_output=lambda e: corrupt_embeddings(e, p.span, p.noise[sample_of_row])), \
-                trace_many(model, names, retain_output=False, edit_output=edit):
-            logits = _last_logits(model, batch, p.last)
-        prob = torch.softmax(logits.float(), dim=-1)[:, p.target_id].reshape(len(toks), n).mean(dim=1)
-        scores[toks, centre_idx[sl]] = prob.cpu()
-
+    for first, centres in groups.items():
+        pairs = [(t, c) for c in centres for t in range(p.span[0], n_tokens)]
+        for start in range(0, len(pairs), per_pass):
+            toks, cents = (torch.tensor(x) for x in zip(*pairs[start:start + per_pass]))
+            scores[toks, cents] = _restored_probs(model, names, p, clean, toks, cents, first, win)
     return TraceResult(scores.numpy(), p.clean_prob, corrupted_prob, p.tokens, p.span, kind, p.target,
                        prompt, win, p.std, n_samples)
 

@@ -85,14 +85,15 @@ def predictions_table(rows: Sequence[tuple[str, list, list | None]], k: int) -> 
 
 def trace_summary(result) -> str:
     """One sentence about a :class:`engram_helpers.tracing.TraceResult` (empty for other objects):
-    the best restoration at the subject's last token, and the best anywhere."""
+    the best restoration at a subject token, and the best anywhere."""
     try:
-        last = result.subject_span[1] - 1
-        layer = int(result.scores[last].argmax())
+        start, end = result.subject_span
+        sub = result.scores[start:end]
+        i, layer = (int(x) for x in divmod(int(sub.argmax()), sub.shape[1]))
         token, layer_any = result.peak()
         return (f"p(answer): clean {result.clean_prob:.2f}, subject corrupted {result.corrupted_prob:.2f}. "
-                f"Best restoration at the last subject token {result.tokens[last]!r}: layer {layer} "
-                f"({float(result.scores[last, layer]):.2f}); anywhere: token {result.tokens[token]!r}, "
+                f"Best restoration at a subject token: {result.tokens[start + i]!r}, layer {layer} "
+                f"({float(sub[i, layer]):.2f}); anywhere: {result.tokens[token]!r}, "
                 f"layer {layer_any} ({float(result.scores[token, layer_any]):.2f}).")
     except (AttributeError, TypeError, IndexError, ValueError):
         return ""

@@ -137,7 +137,6 @@ def test_second_moment_is_spd_and_cached(default_model, tmp_path, monkeypatch):
     assert torch.equal(again.C, sm[3].C)
 
 
-@pytest.mark.slow
 def test_edit_flips_a_known_fact_and_undo_is_exact(default_model):
     model, tok = default_model
     fact = data.load_facts()[0]  # The Eiffel Tower ... Paris -> Rome
@@ -158,7 +157,6 @@ def test_edit_flips_a_known_fact_and_undo_is_exact(default_model):
     assert top == first_token_id(tok, fact.target_true)
 
 
-@pytest.mark.slow
 def test_evaluate_counts_and_unedited_neighbourhood(default_model):
     model, tok = default_model
     facts = data.known_facts(model, tok)[:2]
