@@ -385,7 +385,7 @@ def train_mask(model: nn.Module, theta_pre: Params, delta: Params, data: Batches
     and δ stay fixed), minimizing the task loss of θ_pre + σ(S) ⊙ δ, plus ``l1`` · mean(σ(S)) if ``l1`` > 0.
 
     Returns S (binarize it with :func:`binarize_topk` or :func:`binarize_threshold`). Gradients on S are
-    δ-sized (tiny), hence learning rates of order 1e4–1e7, as in the paper's code.
+    δ-sized (tiny), hence very large learning rates (the notebook uses 1e5).
     """
     if steps < 0 or lr <= 0:
         raise ValueError(f"train_mask needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")

@@ -407,8 +407,9 @@ def _texts_for(source: str, model: nn.Module, tokenizer, seed: int) -> Iterator[
                          f"model writes, slow) or 'wikitext' (Hub dataset, needs network).")
 
 
-def _cov_path(model: nn.Module, layer: int, source: str, n_tokens: int) -> Path:
-    return _rome_cache() / "second_moment" / model_id(model) / f"{source}-{n_tokens}-layer{layer}.pt"
+def _cov_path(model: nn.Module, layer: int, source: str, n_tokens: int, seq_len: int = 128, seed: int = 0) -> Path:
+    extra = "" if (seq_len, seed) == (128, 0) else f"-len{seq_len}-seed{seed}"
+    return _rome_cache() / "second_moment" / model_id(model) / f"{source}-{n_tokens}{extra}-layer{layer}.pt"
 
 
 @torch.no_grad()
@@ -430,7 +431,7 @@ def second_moments(model: nn.Module, tokenizer, layers: Sequence[int], n_tokens:
     result: dict[int, SecondMoment] = {}
     todo = []
     for l in layers:
-        path = _cov_path(model, l, source, n_tokens)
+        path = _cov_path(model, l, source, n_tokens, seq_len, seed)
         if path.exists():
             saved = torch.load(path, weights_only=True)
             result[l] = SecondMoment(saved["C"], l, int(saved["n_tokens"]), source)
@@ -468,7 +469,7 @@ def second_moments(model: nn.Module, tokenizer, layers: Sequence[int], n_tokens:
     for l in todo:
         C = (sums[l] / count).cpu()
         C = (C + C.T) / 2  # exactly symmetric
-        path = _cov_path(model, l, source, n_tokens)
+        path = _cov_path(model, l, source, n_tokens, seq_len, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save({"C": C, "n_tokens": count}, tmp)

@@ -39,28 +39,46 @@ except ImportError:  # nbval not installed: nothing to hook
     IPyNbCell = IPyNbFile = None
 
 
-def _record_message(nbfile, msg: dict) -> None:
-    """Keep what a notebook front end would keep from one iopub message: widget states and clears."""
+def _record_message(nbfile, msg: dict) -> dict:
+    """Keep what a notebook front end would keep from one iopub message; returns the message nbval should see.
+
+    Widget states (and binary buffers) are collected. Outputs produced inside ``with output_widget:`` go
+    into that Output widget, as in Jupyter, and are hidden from nbval (as a comm message, which it skips).
+    ``clear_output`` empties the cell's outputs (``wait=True``: when the next output arrives).
+    """
     kind, content = msg["msg_type"], msg["content"]
     if kind in ("comm_open", "comm_msg") and "state" in content.get("data", {}):
-        data = content["data"]
-        nbfile._engram_widgets.setdefault(content["comm_id"], {}).update(data["state"])
+        data, comm_id = content["data"], content["comm_id"]
+        state = nbfile._engram_widgets.setdefault(comm_id, {})
+        state.update(data["state"])
         for path, buf in zip(data.get("buffer_paths", []), msg.get("buffers", [])):
             raw = buf.tobytes() if isinstance(buf, memoryview) else bytes(buf)
-            nbfile._engram_buffers.setdefault(content["comm_id"], {})[tuple(path)] = {
+            nbfile._engram_buffers.setdefault(comm_id, {})[tuple(path)] = {
                 "data": base64.b64encode(raw).decode("ascii"), "encoding": "base64", "path": path,
             }
+        if state.get("_model_name") == "OutputModel" and "msg_id" in data["state"]:
+            nbfile._engram_capture = comm_id if data["state"]["msg_id"] else None
+        return msg
+    if kind not in ("stream", "display_data", "execute_result", "error", "clear_output"):
+        return msg
+    capture = nbfile._engram_capture
+    if capture is not None:
+        widget = nbfile._engram_widgets[capture]
+        outputs = [] if kind == "clear_output" else [*widget.get("outputs", []), nbformat.v4.output_from_msg(msg)]
+        widget["outputs"] = outputs
+        return {**msg, "msg_type": "comm_msg"}
     outputs = getattr(getattr(nbfile, "_engram_item", None), "test_outputs", None)
     if outputs is None:  # nbval has not started reading this cell's outputs
-        return
+        return msg
     if kind == "clear_output":
         if content.get("wait"):
             nbfile._engram_clear_pending = True
         else:
             outputs.clear()
-    elif kind in ("stream", "display_data", "execute_result", "error") and nbfile._engram_clear_pending:
+    elif nbfile._engram_clear_pending:
         outputs.clear()
         nbfile._engram_clear_pending = False
+    return msg
 
 
 if IPyNbFile is not None and not getattr(IPyNbFile, "_engram_patched", False):
@@ -69,9 +87,7 @@ if IPyNbFile is not None and not getattr(IPyNbFile, "_engram_patched", False):
     def get_kernel_message(self, timeout=None, stream="iopub"):
         msg = _get_message(self, timeout=timeout, stream=stream)
         _state(self)
-        if stream == "iopub":
-            _record_message(self, msg)
-        return msg
+        return _record_message(self, msg) if stream == "iopub" else msg
 
     IPyNbFile.get_kernel_message = get_kernel_message
     IPyNbFile._engram_patched = True
@@ -86,6 +102,7 @@ def _state(nbfile) -> None:
         nbfile._engram_widgets = {}
         nbfile._engram_buffers = {}
         nbfile._engram_clear_pending = False
+        nbfile._engram_capture = None  # comm id of the Output widget capturing outputs (inside `with out:`)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -255,6 +255,7 @@ def test_nbval_run_is_reused_by_the_book_build(tmp_path):
         "import ipywidgets as w\nw.IntSlider(value=7)",
         "from IPython.display import clear_output\nfor i in range(3):\n    clear_output(wait=True)\n    print('step', i)",
         "x = 6 * 7\nassert x == 42\nx",
+        "out = w.Output()\nwith out:\n    print('inside the widget')\nout",
     ])
     nbformat.write(ok, tmp_path / "notebooks" / "ok.ipynb")
     nbformat.write(_notebook(["raise ValueError('broken on purpose')"]), tmp_path / "notebooks" / "bad.ipynb")
@@ -266,7 +267,7 @@ def test_nbval_run_is_reused_by_the_book_build(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "ENGRAM_BOOK_BUILD"}
     run = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "notebooks",
                           "-p", "no:cacheprovider", "-q"], cwd=tmp_path, capture_output=True, text=True, env=env)
-    assert run.returncode == 1 and "1 failed" in run.stdout and "3 passed" in run.stdout, run.stdout + run.stderr
+    assert run.returncode == 1 and "1 failed" in run.stdout and "4 passed" in run.stdout, run.stdout + run.stderr
 
     cache = get_cache(str(tmp_path / "_build" / ".jupyter_cache"))
     records = cache.list_cache_records()
@@ -277,6 +278,9 @@ def test_nbval_run_is_reused_by_the_book_build(tmp_path):
     assert outputs[2][0]["data"]["text/plain"] == "42"
     state = stored.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     assert any(s["model_name"] == "IntSliderModel" and s["state"]["value"] == 7 for s in state.values())
+    (output_widget,) = [s["state"] for s in state.values() if s["model_name"] == "OutputModel"]
+    assert [o["text"] for o in output_widget["outputs"]] == ["inside the widget\n"], "captured by the Output widget"
+    assert all(o["output_type"] != "stream" for o in outputs[3]), "not shown as the cell's own output"
     assert "ok.ipynb" in json.loads((tmp_path / "_build" / "notebook-times.json").read_text())
 
     jb = str(Path(sys.executable).parent / "jupyter-book")

@@ -115,3 +115,32 @@ def test_generated_and_local_folders_are_ignored():
     ignored = (ROOT / ".gitignore").read_text().split()
     for folder in (".venv/", "node_modules/", "_build/", "_assets/", "notebooks/student/"):
         assert folder in ignored, folder
+
+
+def test_vendor_assets_copies_what_the_book_loads(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vendor_assets", ROOT / "scripts" / "vendor_assets.py")
+    va = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(va)
+    nm = tmp_path / "node_modules"
+    with pytest.raises(SystemExit, match="npm ci"):
+        va.vendor(nm, tmp_path / "out")
+    (nm / "mathjax/es5/output").mkdir(parents=True)
+    (nm / "mathjax/es5/tex-chtml.js").write_text("mj")
+    (nm / "mathjax/es5/tex-chtml.js.map").write_text("map")
+    (nm / "requirejs").mkdir()
+    (nm / "requirejs/require.js").write_text("rq")
+    (nm / "@jupyter-widgets/html-manager/dist").mkdir(parents=True)
+    (nm / "@jupyter-widgets/html-manager/dist/embed-amd.js").write_text("wm")
+    va.vendor(nm, tmp_path / "out")
+    va.vendor(nm, tmp_path / "out")  # again: replaces the older copy
+    out = tmp_path / "out"
+    assert (out / "mathjax/tex-chtml.js").read_text() == "mj" and not (out / "mathjax/tex-chtml.js.map").exists()
+    assert (out / "requirejs/require.js").read_text() == "rq"
+    assert (out / "html-manager/embed-amd.js").read_text() == "wm"
+    # the paths _config.yml gives Sphinx (relative to the built _static/) are the ones vendored
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())["sphinx"]["config"]
+    assert va.TARGET == ROOT / config["html_extra_path"][0] / "_static" / "vendor"
+    for script in [config["mathjax_path"], *config["nb_ipywidgets_js"]]:
+        assert (out / script.removeprefix("vendor/")).exists(), script

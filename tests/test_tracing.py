@@ -7,7 +7,7 @@ uses the real default model.
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from engram_helpers import tracing
 from engram_helpers.models import _converted_dir, encode, load_model, next_token_probs
@@ -28,6 +28,14 @@ def tiny(tok):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=True)
     return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tok):
+    """GPT-2's architecture (the paper's model family), tiny and random."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=4, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config).eval().requires_grad_(False)
 
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "Eiffel Tower"
@@ -150,6 +158,15 @@ def test_fast_trace_equals_the_plain_loop(tiny, tok, kind):
     np.testing.assert_allclose(fast.scores, plain.scores, rtol=1e-4, atol=1e-7)
     assert fast.corrupted_prob == pytest.approx(plain.corrupted_prob, rel=1e-5)
     assert fast.scores.shape == (len(fast.tokens), 5) and fast.window == (1 if kind == "layer" else 3)
+
+
+@pytest.mark.parametrize("kind", tracing.KINDS)
+def test_fast_trace_equals_the_plain_loop_on_gpt2(tiny_gpt2, tok, kind):
+    kw = dict(kind=kind, noise_std=0.5, n_samples=2, window=2, seed=0, target="Paris")
+    fast = tracing.trace_fact(tiny_gpt2, tok, PROMPT, SUBJECT, batch_size=9, **kw)
+    plain = tracing.trace_fact_plain(tiny_gpt2, tok, PROMPT, SUBJECT, **kw)
+    np.testing.assert_allclose(fast.scores, plain.scores, rtol=1e-4, atol=1e-7)
+    assert fast.scores.shape == (len(fast.tokens), 4)
 
 
 def test_restoring_the_last_state_gives_the_clean_probability(tiny, tok):

@@ -10,7 +10,7 @@ from ipywidgets.embed import embed_data
 
 from engram_helpers import widgets as ew
 from engram_helpers.data import load_facts
-from engram_helpers.models import load_model, mlp_out_weight, next_token_probs, predict
+from engram_helpers.models import first_token_id, load_model, mlp_out_weight, next_token_probs, predict
 
 
 class StandInTrace:
@@ -186,3 +186,22 @@ def test_edit_explorer_apply_and_undo_on_the_real_model(model_tok, facts):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "undo did not restore the weights exactly"
     assert torch.equal(next_token_probs(model, tok, facts[0].prompt), probs_before)
+
+
+def test_explorers_with_the_library_functions(model_tok, facts):
+    """The defaults: tracing.trace_fact draws the heatmap; rome.apply_rome edits and its handle undoes exactly."""
+    model, tok = model_tok
+    tracer = ew.trace_explorer(model, tok, facts[:1], n_samples=2)
+    assert len(tracer.figure.outputs) == 1 and "Best restoration at a subject token" in tracer.status.value
+    result = tracer.cache[(0, "layer")]
+    assert result.scores.shape[0] == len(result.tokens) and result.n_samples == 2
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fact = facts[0]
+    editor = ew.edit_explorer(model, tok, fact, apply_initial=True)
+    assert len(editor.handles) == 1, editor.status.value
+    p = next_token_probs(model, tok, fact.prompt)[0]
+    assert p[first_token_id(tok, fact.target_new)] > p[first_token_id(tok, fact.target_true)], "the ROME edit did not make the new object more probable than the true one"
+    assert editor.undo()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "undo did not restore the weights exactly"

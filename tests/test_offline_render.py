@@ -1,0 +1,60 @@
+"""scripts/check_offline_render.py on two tiny hand-made sites: one served locally, one that needs a CDN.
+
+Needs Debian's chromium and the vendored MathJax (``npm ci``); skipped where either is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MATHJAX = ROOT / "node_modules" / "mathjax" / "es5"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = pytest.mark.skipif(not (CHROMIUM and MATHJAX.is_dir()),
+                                reason="needs chromium (apt-get install chromium) and node_modules (npm ci)")
+
+PAGE = """<!doctype html><html><head><title>{title}</title>
+<script>window.MathJax = {{tex: {{inlineMath: [['\\\\(', '\\\\)']]}}}};</script>
+<script defer src="{mathjax}"></script></head>
+<body><p>Pythagoras: <span class="math notranslate nohighlight">\\(a^2 + b^2 = c^2\\)</span></p></body></html>
+"""
+
+
+def _load_checker():
+    spec = importlib.util.spec_from_file_location("check_offline_render", ROOT / "scripts" / "check_offline_render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _site(tmp_path: Path, mathjax_src: str) -> Path:
+    site = tmp_path / "html"
+    shutil.copytree(MATHJAX, site / "mathjax", ignore=shutil.ignore_patterns("*.map", "sre"))
+    (site / "index.html").write_text(PAGE.format(title="local", mathjax=mathjax_src))
+    return site
+
+
+def test_local_maths_passes(tmp_path, capsys):
+    checker = _load_checker()
+    site = _site(tmp_path, "mathjax/tex-chtml.js")
+    rc = checker.main([str(site), "--no-unshare", "--screenshots", str(tmp_path / "shots"), "--wait", "20"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "PASS  index.html  (maths 1/1" in out
+    assert (tmp_path / "shots" / "index.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_cdn_maths_fails_with_reasons(tmp_path, capsys):
+    checker = _load_checker()
+    site = _site(tmp_path, "https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-chtml.js")
+    rc = checker.main([str(site), "--no-unshare", "--no-screenshots", "--wait", "5"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert "FAIL  index.html" in out
+    assert "request to another host: https://cdn.jsdelivr.net/" in out
+    assert "MathJax is not loaded" in out and "raw TeX left in the text" in out
