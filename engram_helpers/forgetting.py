@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .data import Fact, is_known
+from .grafting import binarize_topk, random_mask
 from .hooks import get_module, trace, trace_many
 from .models import arch, encode, first_token_id, next_token_probs
 
@@ -116,22 +117,12 @@ def lesioned_neurons(model: nn.Module, neurons: torch.Tensor) -> Iterator[nn.Mod
 
 def random_neurons(shape: tuple[int, int], k: int, seed: int = 0) -> torch.Tensor:
     """Exactly ``k`` neurons chosen uniformly at random (seeded) among all layers: bool [n_layers, d_mlp]."""
-    total = shape[0] * shape[1]
-    if not 0 <= k <= total:
-        raise ValueError(f"k must lie in [0, {total}], got {k}")
-    gen = torch.Generator().manual_seed(seed)
-    flat = torch.zeros(total, dtype=torch.bool)
-    flat[torch.randperm(total, generator=gen)[:k]] = True
-    return flat.reshape(shape)
+    return random_mask({"neurons": torch.empty(shape)}, k, seed=seed)["neurons"]
 
 
 def top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` neurons with the largest scores over all layers: bool, shaped like ``scores`` [n_layers, d_mlp]."""
-    if not 0 <= k <= scores.numel():
-        raise ValueError(f"k must lie in [0, {scores.numel()}], got {k}")
-    flat = torch.zeros(scores.numel(), dtype=torch.bool)
-    flat[scores.flatten().topk(k).indices] = True
-    return flat.reshape(scores.shape)
+    return binarize_topk({"neurons": scores}, k)["neurons"]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,12 +23,14 @@ import io
 from typing import Any, Callable, Sequence
 
 import ipywidgets as widgets
+import torch
 
 from .data import Fact
 
 TraceFn = Callable[..., Any]      # (model, tok, prompt, subject, target=..., kind=..., **kw) -> result with .plot(ax)
 EditFn = Callable[..., Any]       # (model, tok, prompt, subject, target_new, **kw) -> handle with .undo()
 PredictFn = Callable[..., list]   # (model, tok, prompts, k=...) -> [[(token, prob), ...], ...]
+
 
 def _wide() -> widgets.Layout:
     return widgets.Layout(width="100%", max_width="560px")
@@ -83,6 +85,16 @@ def predictions_table(rows: Sequence[tuple[str, list, list | None]], k: int) -> 
     return f'<table style="{style}" cellpadding="4" border="1">{head}{body}</table>'
 
 
+def weights_key(model) -> float | None:
+    """A fingerprint of the model's weights (the sum of all parameters), so that cached traces of an
+    unedited model are not shown after an edit. ``None`` for objects without parameters."""
+    params = getattr(model, "parameters", None)
+    if params is None:
+        return None
+    with torch.no_grad():
+        return float(sum(p.detach().sum(dtype=torch.float64) for p in params()))
+
+
 def trace_summary(result) -> str:
     """One sentence about a :class:`engram_helpers.tracing.TraceResult` (empty for other objects):
     the best restoration at a subject token, and the best anywhere."""
@@ -107,9 +119,6 @@ def edit_summary(handle) -> str:
     p_new = getattr(handle, "info", {}).get("p_new") if isinstance(getattr(handle, "info", None), dict) else None
     if isinstance(p_new, float):
         parts.append(f"p(new object) at the end of the value optimization: {p_new:.2f}")
-    total = getattr(handle, "timings", {}).get("total") if isinstance(getattr(handle, "timings", None), dict) else None
-    if isinstance(total, float):
-        parts.append(f"{total:.1f} s")
     return ("; ".join(parts) + ".") if parts else ""
 
 
@@ -121,7 +130,8 @@ class TraceExplorer(widgets.VBox):
     """Choose a fact and a kind; press *Trace* to see the causal-tracing heatmap.
 
     Children: ``fact`` (Dropdown of fact indices), ``kind`` (Dropdown), ``button``, ``status`` (HTML),
-    ``figure`` (Output holding the heatmap as a PNG). Results are cached per (fact, kind).
+    ``figure`` (Output holding the heatmap as a PNG). Results are cached per (fact, kind, weights), so a
+    trace after an edit (e.g. from :func:`edit_explorer` on the same model) traces the edited model.
     """
 
     def __init__(self, model, tok, facts: Sequence[Fact], trace_fn: TraceFn, kinds: Sequence[str] = tuple(KINDS),
@@ -159,7 +169,7 @@ class TraceExplorer(widgets.VBox):
         from matplotlib.figure import Figure
 
         fact, kind = self.facts[self.fact.value], self.kind.value
-        key = (self.fact.value, kind)
+        key = (self.fact.value, kind, weights_key(self.model))
         self.button.disabled = True
         self.status.value = _message(f"Tracing '{fact.prompt}' ({KINDS[kind]})…")
         try:

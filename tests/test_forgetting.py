@@ -159,8 +159,9 @@ def test_lesion_sweep_shapes_and_restores(small_llama_and_tok):
 
 def test_recall_neutral_answer_and_erasure_report(default_model):
     model, tok = default_model
-    known = data.known_facts(model, tok)
-    assert F.recall(model, tok, known[:10]) == 1.0
+    known = data.known_facts(model, tok, data.load_facts()[:12])
+    assert known, "the default model should know some of the first facts"
+    assert F.recall(model, tok, known) == 1.0
     f = known[0]
     target = F.neutral_answer(model, tok, f)
     assert target.isalpha() and F.first_token_id(tok, target) != F.first_token_id(tok, f.target_true)
@@ -172,7 +173,7 @@ def test_recall_neutral_answer_and_erasure_report(default_model):
 
 def test_silencing_every_mlp_neuron_destroys_recall_and_text(default_model):
     model, tok = default_model
-    known = data.known_facts(model, tok)[:8]
+    known = data.known_facts(model, tok, data.load_facts()[:12])
     text = ["The government said on Tuesday that the new rules would come into force next year, after a long"
             " consultation with businesses and unions."]
     intact = F.next_token_accuracy(model, tok, text)

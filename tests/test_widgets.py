@@ -193,15 +193,19 @@ def test_explorers_with_the_library_functions(model_tok, facts):
     model, tok = model_tok
     tracer = ew.trace_explorer(model, tok, facts[:1], n_samples=2)
     assert len(tracer.figure.outputs) == 1 and "Best restoration at a subject token" in tracer.status.value
-    result = tracer.cache[(0, "layer")]
+    result = tracer.cache[(0, "layer", ew.weights_key(model))]
     assert result.scores.shape[0] == len(result.tokens) and result.n_samples == 2
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    key_before = ew.weights_key(model)
     fact = facts[0]
     editor = ew.edit_explorer(model, tok, fact, apply_initial=True)
     assert len(editor.handles) == 1, editor.status.value
     p = next_token_probs(model, tok, fact.prompt)[0]
-    assert p[first_token_id(tok, fact.target_new)] > p[first_token_id(tok, fact.target_true)], "the ROME edit did not make the new object more probable than the true one"
+    assert p[first_token_id(tok, fact.target_new)] > p[first_token_id(tok, fact.target_true)], \
+        "the ROME edit did not make the new object more probable than the true one"
+    assert ew.weights_key(model) != key_before, "the trace cache would not notice the edit"
     assert editor.undo()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "undo did not restore the weights exactly"
+    assert ew.weights_key(model) == key_before
