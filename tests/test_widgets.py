@@ -188,6 +188,7 @@ def test_edit_explorer_apply_and_undo_on_the_real_model(model_tok, facts):
     assert torch.equal(next_token_probs(model, tok, facts[0].prompt), probs_before)
 
 
+@pytest.mark.slow  # 51 s measured with 1 thread on a busy machine
 def test_explorers_with_the_library_functions(model_tok, facts):
     """The defaults: tracing.trace_fact draws the heatmap; rome.apply_rome edits and its handle undoes exactly."""
     model, tok = model_tok
