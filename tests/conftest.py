@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tiny import tiny_model as _tiny
+
 
 def pytest_addoption(parser):
     parser.addoption("--book", action="store_true", default=False,
@@ -19,23 +21,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "book" in item.keywords:
             item.add_marker(skip)
-
-
-def _tiny(kind: str, seed: int = 0):
-    """A 3-layer model of ``kind`` ("gpt2" or "llama") with seeded random weights, in eval mode."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    if kind == "gpt2":
-        config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=3, n_head=4)
-        model = GPT2LMHeadModel(config)
-    elif kind == "llama":
-        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-        model = LlamaForCausalLM(config)
-    else:
-        raise ValueError(f"unknown tiny model kind {kind!r}")
-    return model.eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="session")

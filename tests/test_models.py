@@ -18,7 +18,7 @@ from engram_helpers import models
 from engram_helpers.hooks import get_module
 from engram_helpers.models import DEFAULT_MODEL, OfflineError, arch, load_model, mlp_out_weight
 
-from conftest import _tiny
+from tiny import tiny_model as _tiny
 
 
 def _tiny_other(kind: str):
