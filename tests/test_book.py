@@ -151,7 +151,9 @@ def test_external_ref_detector_catches_loads_and_ignores_links():
 def built():
     """Build the book with -W (warnings are errors) into _build/html; returns the build log."""
     env = {**os.environ, "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
-    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(ROOT), "-W", "--keep-going"]
+    # --all: every page is read again, so the log names each notebook (cached or executed) also when an
+    # earlier build left _build/html in place; notebooks still come from the execution cache.
+    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(ROOT), "-W", "--keep-going", "--all"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     log = out.stdout + out.stderr
     (ROOT / "_build").mkdir(exist_ok=True)
