@@ -21,6 +21,7 @@ from importlib import resources
 import torch
 
 from .models import first_token_id, next_token_probs
+from .query import Query
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,13 @@ class Fact:
     def prompt(self) -> str:
         """The template filled with the subject, e.g. "The capital of France is"."""
         return self.template.format(self.subject)
+
+    def query(self, target: str | None = None) -> Query:
+        """This fact as a :class:`~engram_helpers.query.Query`; ``target`` defaults to the true object.
+
+        ``fact.query()`` is what tracing and recall measure; ``fact.query(fact.target_new)`` is an edit request.
+        """
+        return Query(self.template, self.subject, self.target_true if target is None else target)
 
 
 def load_facts() -> list[Fact]:
