@@ -9,9 +9,16 @@ One small mechanism, in the spirit of baukit's ``nethook``, used by every method
     with trace(model, "model.layers.3.mlp", edit_output=lambda out: out * 0):
         model(**batch)  # the same forward pass with that MLP silenced
 
+    with trace(model, "model.layers.3.mlp.down_proj", retain_input=True, stop=True) as t:
+        model(**batch)  # stops as soon as that module has run: the layers above are not computed
+    t.input             # the MLP keys of layer 3
+
 Modules that return tuples (attention in transformers 5 returns ``(output, weights)``) are handled: the
 hook reads and edits the first element and passes the rest through unchanged. Hooks are always removed
-when the ``with`` block ends, also on error.
+when the ``with`` block ends, also on error. With ``stop=True`` the forward pass ends (by an exception
+that the ``with`` block swallows) once the traced module, or for :func:`trace_many` every traced module,
+has run; the model call then returns nothing. ``retain_grad=True`` keeps the output in the autograd graph
+and calls ``retain_grad()`` on it, so ``t.output.grad`` is there after ``backward()``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,10 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
             f"The model has no module {name!r}. Use engram_helpers.models.arch(model) for this "
             f"architecture's module names."
         ) from None
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass early (``stop=True``); caught by :func:`trace`."""
 
 
 class Trace:
@@ -66,15 +77,23 @@ def trace(
     edit_output: Edit | None = None,
     edit_input: Edit | None = None,
     detach: bool = True,
+    stop: bool = False,
+    retain_grad: bool = False,
+    _after: Callable[[str], None] | None = None,
 ) -> Iterator[Trace]:
     """Hook module ``name`` for the duration of the ``with`` block.
 
     ``edit_output(out) -> new_out`` replaces the module's output tensor; ``edit_input(x) -> new_x``
     replaces its first positional input. ``detach=False`` keeps retained tensors in the autograd graph.
+    ``stop=True`` ends the forward pass right after this module; ``retain_grad=True`` keeps the output's
+    gradient (implies ``detach=False``).
     """
     module = get_module(model, name)
     record = Trace(name)
     handles = []
+    if retain_grad:
+        detach = False
+        retain_output = True
 
     if retain_input or edit_input is not None:
         def pre_hook(_module, args, kwargs):
@@ -90,20 +109,28 @@ def trace(
 
         handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
 
-    if retain_output or edit_output is not None:
-        def hook(_module, _args, output):
-            out = _first(output)
-            if edit_output is not None:
-                out = edit_output(out)
-                output = _replace_first(output, out)
-            if retain_output:
-                record.output = out.detach() if detach else out
-            return output
+    def hook(_module, _args, output):
+        out = _first(output)
+        if edit_output is not None:
+            out = edit_output(out)
+            output = _replace_first(output, out)
+        if retain_grad and out.requires_grad:
+            out.retain_grad()
+        if retain_output:
+            record.output = out.detach() if detach else out
+        if _after is not None:
+            _after(name)
+        if stop:
+            raise StopForward(name)
+        return output
 
+    if retain_output or edit_output is not None or stop or _after is not None:
         handles.append(module.register_forward_hook(hook))
 
     try:
         yield record
+    except StopForward:
+        pass
     finally:
         for h in handles:
             h.remove()
@@ -118,8 +145,21 @@ def trace_many(
     edit_output: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
     edit_input: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
     detach: bool = True,
+    stop: bool = False,
+    retain_grad: bool = False,
 ) -> Iterator[dict[str, Trace]]:
-    """:func:`trace` on several modules at once; the edit functions also receive the module name."""
+    """:func:`trace` on several modules at once; the edit functions also receive the module name.
+
+    ``stop=True`` ends the forward pass once every one of ``names`` has run (the layers above the last
+    of them are not computed).
+    """
+    seen: set[str] = set()
+
+    def after(n: str) -> None:
+        seen.add(n)
+        if stop and seen >= set(names):
+            raise StopForward(n)
+
     with ExitStack() as stack:
         records = {}
         for n in names:
@@ -127,9 +167,13 @@ def trace_many(
             ei = (lambda x, n=n: edit_input(x, n)) if edit_input is not None else None
             records[n] = stack.enter_context(
                 trace(model, n, retain_output=retain_output, retain_input=retain_input,
-                      edit_output=eo, edit_input=ei, detach=detach)
+                      edit_output=eo, edit_input=ei, detach=detach, retain_grad=retain_grad,
+                      _after=after if stop else None)
             )
-        yield records
+        try:
+            yield records
+        except StopForward:
+            pass
 
 
 def replace_at(values: torch.Tensor, positions: torch.Tensor | list[int] | int, rows: slice | torch.Tensor = slice(None)) -> Edit:
@@ -144,10 +188,7 @@ def replace_at(values: torch.Tensor, positions: torch.Tensor | list[int] | int, 
         out = out.clone()
         v = values.to(out.dtype).to(out.device)
         idx = pos.to(out.device)
-        if v.dim() == 2:
-            out[rows, idx] = v
-        else:
-            out[rows, idx] = v
+        out[rows, idx] = v
         return out
 
     return edit

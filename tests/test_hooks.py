@@ -160,3 +160,43 @@ def test_unknown_module_name_is_a_clear_error(tiny_gpt2):
     with pytest.raises(ValueError, match="arch"):
         with trace(tiny_gpt2, "transformer.h.99.mlp"):
             pass
+
+
+def test_stop_ends_the_forward_pass_after_the_traced_module(tiny_model):
+    a = arch(tiny_model)
+    ids = torch.arange(2, 9).reshape(1, -1)
+    ran: list[int] = []
+    handles = [get_module(tiny_model, a.layer_name(i)).register_forward_hook(lambda m, i_, o, i=i: ran.append(i))
+               for i in range(a.n_layers)]
+    try:
+        with trace(tiny_model, a.mlp_out_name(0), retain_input=True) as full:
+            tiny_model(input_ids=ids)
+        ran.clear()
+        result = "not run"
+        with trace(tiny_model, a.mlp_out_name(0), retain_input=True, stop=True) as early:
+            result = tiny_model(input_ids=ids)
+        assert result == "not run" and ran == []  # layer 0's block never finished; nothing above ran
+        assert torch.equal(early.input, full.input)
+        with trace_many(tiny_model, [a.layer_name(1), a.layer_name(0)], stop=True) as recs:
+            tiny_model(input_ids=ids)
+        assert ran == [0, 1] and all(r.output is not None for r in recs.values())
+    finally:
+        for h in handles:
+            h.remove()
+    assert not tiny_model._forward_hooks and not get_module(tiny_model, a.mlp_out_name(0))._forward_hooks
+
+
+def test_retain_grad_gives_the_gradient_of_a_module_output(tiny_llama):
+    a = arch(tiny_llama)
+    ids = torch.arange(2, 9).reshape(1, -1)
+    emb = get_module(tiny_llama, a.embed)
+    emb.weight.requires_grad_(True)
+    try:
+        with trace(tiny_llama, a.mlp_name(0), retain_grad=True) as t:
+            loss = tiny_llama(input_ids=ids).logits[0, -1, 3]
+        loss.backward()
+        assert t.output.grad is not None and t.output.grad.shape == t.output.shape
+        assert t.output.grad[0, -1].abs().sum() > 0  # the last position's logit depends on its own MLP output
+    finally:
+        emb.weight.requires_grad_(False)
+        emb.weight.grad = None
