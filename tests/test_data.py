@@ -97,7 +97,8 @@ def test_dev_and_test_splits_are_disjoint_cover_everything_and_are_stratified(fa
 
 
 def test_split_file_is_what_the_script_writes():
-    """The committed facts.json is a fixed point of scripts/split_facts.py (nobody edited splits by hand)."""
+    """The committed facts.json is a fixed point of scripts/split_facts.py: every record has a split, in the
+    script's layout (a split edited by hand is caught by the reproducibility test below)."""
     text = split_facts.FACTS_PATH.read_text(encoding="utf-8")
     records = json.loads(text)
     assert split_facts.dumps(split_facts.assign_splits(records)) == text
