@@ -36,6 +36,7 @@ class Fact:
     target_new: str          # a counterfactual object for editing, e.g. "Rome"
     paraphrases: tuple[str, ...]    # full prompts, same fact, other wording (contain the subject)
     neighbourhood: tuple[str, ...]  # full prompts, other subjects, same relation and same true object
+    split: str = ""          # "dev" (choose settings) or "test" (report results); see scripts/split_facts.py
 
     @property
     def prompt(self) -> str:
@@ -58,6 +59,17 @@ def load_facts() -> list[Fact]:
         Fact(**{**r, "paraphrases": tuple(r["paraphrases"]), "neighbourhood": tuple(r["neighbourhood"])})
         for r in records
     ]
+
+
+def facts_in_split(name: str, facts: list[Fact] | None = None) -> list[Fact]:
+    """The facts of split ``name`` ("dev" or "test"), in order; ``facts`` defaults to the whole dataset."""
+    if name not in ("dev", "test"):
+        raise ValueError(f"unknown split {name!r}: use 'dev' (to choose settings) or 'test' (to report results)")
+    facts = load_facts() if facts is None else facts
+    missing = [f.id for f in facts if f.split not in ("dev", "test")]
+    if missing:
+        raise ValueError(f"facts {missing} have no split: run `python scripts/split_facts.py` after adding records")
+    return [f for f in facts if f.split == name]
 
 
 def relations(facts: list[Fact] | None = None) -> list[str]:

@@ -1,11 +1,20 @@
 """The facts dataset: schema rules, and that the default model knows enough of it."""
 
+import importlib.util
+import json
 import re
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from engram_helpers.data import Fact, is_known, known_facts, load_facts, relations
+from engram_helpers.data import Fact, facts_in_split, is_known, known_facts, load_facts, relations
 from engram_helpers.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("split_facts", ROOT / "scripts" / "split_facts.py")
+split_facts = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(split_facts)
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +80,50 @@ def test_known_facts_on_default_model(facts):
     assert sum(flags) == len(known)
     assert all(k in facts for k in known)
     assert is_known(model, tok, []) == []
+
+
+def test_dev_and_test_splits_are_disjoint_cover_everything_and_are_stratified(facts):
+    dev, test = facts_in_split("dev", facts), facts_in_split("test", facts)
+    dev_ids, test_ids = {f.id for f in dev}, {f.id for f in test}
+    assert not dev_ids & test_ids, f"facts in both splits: {sorted(dev_ids & test_ids)}"
+    assert dev_ids | test_ids == {f.id for f in facts}, "some facts are in no split: run scripts/split_facts.py"
+    assert not {f.prompt for f in dev} & {f.prompt for f in test}, "the same prompt is in both splits"
+    for rel in relations(facts):
+        n = sum(f.relation == rel for f in facts)
+        n_dev = sum(f.relation == rel for f in dev)
+        assert n_dev == split_facts.dev_quota(n), (rel, n_dev, n)
+        assert 0 < n_dev < n, f"relation {rel} must have facts in both splits"
+    assert facts_in_split("dev") == dev  # the default is the whole dataset
+
+
+def test_split_file_is_what_the_script_writes():
+    """The committed facts.json is a fixed point of scripts/split_facts.py: every record has a split, in the
+    script's layout (a split edited by hand is caught by the reproducibility test below)."""
+    text = split_facts.FACTS_PATH.read_text(encoding="utf-8")
+    records = json.loads(text)
+    assert split_facts.dumps(split_facts.assign_splits(records)) == text
+
+
+def test_split_script_keeps_assignments_and_places_new_records_deterministically():
+    records = json.loads(split_facts.FACTS_PATH.read_text(encoding="utf-8"))
+    fresh = split_facts.assign_splits([{k: v for k, v in r.items() if k != "split"} for r in records])
+    assert [r["split"] for r in fresh] == [r["split"] for r in records], "the split is not reproducible from its seed"
+    new = [{**records[i], "id": len(records) + j, "subject": f"New subject {j}"} for j, i in enumerate(range(0, 40, 2))]
+    for r in new:
+        del r["split"]
+    once = split_facts.assign_splits(records + new)
+    twice = split_facts.assign_splits(records + new)
+    assert once == twice
+    assert [r["split"] for r in once[: len(records)]] == [r["split"] for r in records], "old records changed split"
+    for rel in {r["relation"] for r in once}:
+        group = [r for r in once if r["relation"] == rel]
+        assert sum(r["split"] == "dev" for r in group) == split_facts.dev_quota(len(group)), rel
+    with pytest.raises(ValueError, match="split"):
+        split_facts.assign_splits([{**records[0], "split": "train"}])
+
+
+def test_facts_in_split_rejects_bad_input(facts):
+    with pytest.raises(ValueError, match="dev"):
+        facts_in_split("train", facts)
+    with pytest.raises(ValueError, match="split_facts.py"):
+        facts_in_split("dev", [replace(facts[0], split="")])
