@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-
-Update = Callable[..., torch.Tensor]
 
 
 @dataclass
