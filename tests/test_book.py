@@ -46,7 +46,7 @@ def test_toc_order_and_parts():
         "For teachers and reference"]
     assert toc_files()[1:] == [
         "book/engram", "book/formation", "notebooks/grafting", "book/retrieval", "notebooks/causal_tracing",
-        "book/modification", "notebooks/rome", "notebooks/explorers", "book/forgetting", "notebooks/forgetting", "book/limits",
+        "book/modification", "notebooks/toy_memory", "notebooks/rome", "notebooks/explorers", "book/forgetting", "notebooks/forgetting", "book/limits",
         "book/instructors", "book/glossary", "book/bibliography"]
 
 

@@ -2,7 +2,8 @@
 
 Each ``check_*`` function runs the reader's implementation against the library's reference on small
 inputs and raises :class:`CheckFailed` with a targeted hint (what differs, and the likely cause). One
-submodule per method: ``checks.tracing``, ``checks.rome``, ``checks.grafting``, ``checks.forgetting``.
+submodule per method: ``checks.tracing``, ``checks.rome``, ``checks.grafting``, ``checks.forgetting``, and
+``checks.toy_memory`` for the toy memory notebook.
 """
 
 from __future__ import annotations
