@@ -11,7 +11,7 @@ What it writes:
   notebooks that load a language model also get Colab's GPU metadata and a line on how to switch the runtime.
   Nothing else in a notebook is touched.
 - ``_config.yml``: ``repository.url`` and ``repository.branch`` (the launch buttons open the released ref).
-- ``README.md``, ``CONTRIBUTING.md``, ``book/intro.md``: every ``github.com/OWNER/NAME`` link of the course
+- ``README.md``, ``CONTRIBUTING.md``, ``book/intro.md``, ``CITATION.cff``: every ``github.com/OWNER/NAME`` link of the course
   (found as the slug that ``_config.yml`` held before) and the ``@ref`` of ``git+`` install URLs.
 
 The install cell installs exactly the model and data packages a notebook needs. They are derived, not
@@ -38,7 +38,7 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = "engram_helpers"
-DOCS = ["README.md", "CONTRIBUTING.md", "book/intro.md"]
+DOCS = ["README.md", "CONTRIBUTING.md", "book/intro.md", "CITATION.cff"]
 COLAB = "https://colab.research.google.com/github"
 INSTALL_TAG, LINKS_TAG = "remove-cell", "colab-links"
 GPU_LOADERS = {("models", "load_model")}  # a notebook that calls these can switch to a larger model on a GPU
