@@ -145,6 +145,7 @@ def test_vendor_assets_copies_what_the_book_loads(tmp_path):
     # the icon fonts, where the widget manager asks for them: <page folder>/@jupyter-widgets/html-manager/dist/
     for page_dir in ("", "notebooks"):
         assert (tmp_path / "a" / page_dir / "@jupyter-widgets/html-manager/dist/abc123.woff2").read_text() == "font"
+        assert (tmp_path / "a" / page_dir / "@jupyter-widgets/abc123.woff2").read_text() == "font"
     # the paths _config.yml gives Sphinx (relative to the built _static/) are the ones vendored
     config = yaml.safe_load((ROOT / "_config.yml").read_text())["sphinx"]["config"]
     assert va.TARGET == ROOT / config["html_extra_path"][0] / "_static" / "vendor"

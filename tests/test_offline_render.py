@@ -76,3 +76,22 @@ def test_missing_local_file_fails(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 1, out
     assert "missing local file (HTTP 404): /no-such-icon.svg" in out
+
+
+ASSETS = ROOT / "_assets"
+
+
+@pytest.mark.skipif(not (ASSETS / "notebooks" / "@jupyter-widgets").is_dir(),
+                    reason="needs the vendored assets (python scripts/vendor_assets.py after npm ci)")
+def test_widget_icon_fonts_are_served(tmp_path, capsys):
+    """A button with an icon, on a page one folder down like the notebook pages: every font it asks for exists."""
+    checker = _load_checker()
+    site = tmp_path / "html"
+    shutil.copytree(ASSETS / "_static", site / "_static")
+    shutil.copytree(ASSETS / "notebooks", site / "notebooks")
+    shutil.copy2(ROOT / "tests" / "widget_icon_page.html", site / "notebooks" / "page.html")
+    args = [str(site), "--pages", "notebooks/page.html", "--no-unshare", "--no-screenshots", "--wait", "20"]
+    assert checker.main(args) == 0, capsys.readouterr().out
+    shutil.rmtree(site / "notebooks" / "@jupyter-widgets")
+    assert checker.main(args) == 1, "without the fonts the page must fail"
+    assert ".woff2" in capsys.readouterr().out
