@@ -8,6 +8,7 @@ script and the widget tests run there. That test downloads those versions (marke
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "scripts" / "smoke_install.py"
@@ -105,9 +107,11 @@ def test_dependency_floors_really_work(wheel, tmp_path):
     converts from GGUF (empty cache), traces, edits and undoes, and the explorers' tests pass."""
     python = fresh_venv(tmp_path / "venv", wheel)
     _pip(*(f"{name}=={version}" for name, version in floors().items()), python=python)
-    versions = subprocess.run([str(python), "-c", "import importlib.metadata as m; print({n: m.version(n) for n in "
-                               f"{FLOOR_TESTED!r}}})"], capture_output=True, text=True, check=True).stdout
-    assert eval(versions) == floors(), versions  # the floors, not the pins, are the ones imported
+    versions = subprocess.run([str(python), "-c", "import importlib.metadata as m, json; print(json.dumps({n: "
+                               f"m.version(n) for n in {FLOOR_TESTED!r}}}))"], capture_output=True, text=True,
+                              check=True).stdout
+    installed = {name: Version(v) for name, v in json.loads(versions).items()}
+    assert installed == {name: Version(v) for name, v in floors().items()}, versions  # the floors, not the pins
     done = run_smoke(python, tmp_path / "elsewhere", ENGRAM_CACHE=str(tmp_path / "cache"))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     widgets = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
