@@ -1,9 +1,12 @@
 # In Search of the Engram: set up, build the book, run the tests. Everything goes into the local .venv
 # (Python) and node_modules (the scripts the book serves itself).
 #
-#   make book    set up, then build the book into _build/html (notebooks run once, then come from the cache)
+#   make book    set up, run the notebooks in parallel (one thread each) into the execution cache, then build
+#                the book into _build/html (unchanged notebooks come from the cache and are not run again)
 #   make test    set up, then unit tests + every notebook under nbval + the book build with -W
 #   make student write the student notebooks to notebooks/student/
+#   make stamp   write course.toml (repository URL, released ref) into the notebooks, _config.yml and docs
+#   make rehearsal-full  before a release: every notebook to the end in a Colab-like environment
 #
 # Variables: PYTHON (interpreter that creates .venv), JOBS (parallel notebook runs), TORCH_INDEX.
 
@@ -18,9 +21,22 @@ JOBS ?= 2
 TORCH_VERSION := 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup book test unit notebooks book-test student clean
+.PHONY: setup browser book test unit notebooks book-test student stamp rehearsal-full clean
 
 setup: $(VENV)/.installed _assets/.vendored
+
+# Chromium for the offline render check: Debian's package where this machine allows it (root + apt-get);
+# elsewhere a notice. Under CI=true the check then fails instead of skipping.
+browser:
+	if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  elif command -v sudo >/dev/null && command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "note: no chromium, and it cannot be installed here: the offline render check will be skipped"; \
+	  fi; \
+	fi
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,12 +61,20 @@ _assets/.vendored: node_modules/.installed scripts/vendor_assets.py $(VENV)/.ins
 	$(PY) scripts/vendor_assets.py
 	touch $@
 
+# The notebooks first run under nbval in parallel with one thread each (as in `make test`), which stores each in
+# the execution cache (notebooks/conftest.py); notebooks whose cache entry is current are skipped. The book build
+# then executes nothing. A failing notebook fails here, with nbval's report.
 book: setup
+	stale=$$($(PY) scripts/stale_notebooks.py); \
+	if [ -n "$$stale" ]; then \
+	  OMP_NUM_THREADS=1 $(PY) -m pytest $$stale --nbval-lax --nbval-current-env -n $(JOBS) --dist loadfile -q -p no:cacheprovider; \
+	fi
 	$(VENV)/bin/jupyter-book build . -W --keep-going
 
 # Unit tests and notebooks run together, two at a time with one thread each (as in CI); nbval's runs fill the
 # book's execution cache (notebooks/conftest.py), so the book build that follows executes no notebook again.
-test: setup
+test: setup browser
+	$(PY) scripts/stamp.py --check
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -n $(JOBS) --dist loadfile -rfEs
 	ENGRAM_EXPECT_CACHED=1 $(PY) -m pytest tests/test_book.py --book -rfEs
 
@@ -65,6 +89,13 @@ book-test: setup
 
 student: setup
 	$(PY) scripts/make_student.py
+
+stamp: setup
+	$(PY) scripts/stamp.py
+
+# Every notebook to the end in the Colab rehearsal environment (tests/test_colab_rehearsal.py); long.
+rehearsal-full: setup
+	ENGRAM_REHEARSAL_FULL=1 OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_colab_rehearsal.py -rfEs -k full
 
 clean:
 	rm -rf _build/html _build/jupyter_execute _assets notebooks/student

@@ -16,7 +16,7 @@ For each page it prints PASS or FAIL with the reasons:
   ``$$``, ``\\(`` or ``\\[`` is left in the page's text;
 - widgets (pages with stored widget state): the widget manager is loaded, every stored widget view is
   rendered, no "Error displaying widget" appears, and every image stored in an Output widget is shown.
-Local files that are missing (HTTP 404) are listed as warnings. A full-page screenshot of each page is
+A local file that is missing (HTTP 404 or another error status) fails the page. A full-page screenshot of each page is
 saved in ``--screenshots`` (default ``/tmp/offline-render``). Exit status 0 when every page passes.
 """
 
@@ -262,8 +262,8 @@ def check_page(browser: Browser, url: str, shot: Path | None, wait: float) -> tu
     for u in foreign:
         problems.append(f"request to another host: {u}")
     for u, status in sorted(statuses.items()):
-        if status >= 400:
-            warnings.append(f"HTTP {status}: {urlsplit(u).path}")
+        if status >= 400 and urlsplit(u).path != "/favicon.ico":  # the browser asks for it by itself
+            problems.append(f"missing local file (HTTP {status}): {urlsplit(u).path}")
     if report["mathElements"] or report["rawMath"]:
         if not report["mathjax"]:
             problems.append("maths on the page but MathJax is not loaded")

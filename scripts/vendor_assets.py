@@ -3,6 +3,11 @@ node_modules/ into _assets/_static/vendor/, which _config.yml hands to Sphinx as
 
 Run after `npm ci`. The built book then loads them from <book>/_static/vendor/... and needs no other host.
 They are kept out of _static/ on purpose: Sphinx injects every .js file found there into every page.
+
+The widget manager loads its icon fonts (Font Awesome, for button icons) from the folder of its AMD module,
+which RequireJS resolves against the page: ``<page folder>/@jupyter-widgets/html-manager/dist/`` and
+``<page folder>/@jupyter-widgets/``. The fonts are therefore copied to both paths for every folder that holds
+pages (FONT_PAGE_DIRS), below _assets/.
 """
 
 from __future__ import annotations
@@ -21,6 +26,12 @@ ASSETS = [
     ("requirejs/require.js", "requirejs/require.js"),
     ("@jupyter-widgets/html-manager/dist", "html-manager"),
 ]
+FONTS = "@jupyter-widgets/html-manager/dist"
+FONT_SUFFIXES = (".woff2", ".woff", ".ttf", ".eot", ".svg")
+FONT_PAGE_DIRS = ["", "book", "notebooks"]  # folders of the built book that hold pages
+FONT_TOP = "@jupyter-widgets"
+# Two bundles inside embed-amd.js ask for the fonts, from two module folders (seen in Chromium):
+FONT_SUBDIRS = ["@jupyter-widgets", "@jupyter-widgets/html-manager/dist"]
 
 
 def vendor(node_modules: Path = NODE, target: Path = TARGET) -> list[Path]:
@@ -39,6 +50,19 @@ def vendor(node_modules: Path = NODE, target: Path = TARGET) -> list[Path]:
         else:
             shutil.copy2(s, d)
         out.append(d)
+    fonts = [f for f in sorted((node_modules / FONTS).iterdir()) if f.suffix in FONT_SUFFIXES]
+    if not fonts:
+        raise SystemExit(f"No font files in {node_modules / FONTS}: run `npm ci` in {ROOT} again.")
+    for page_dir in FONT_PAGE_DIRS:
+        top = target.parents[1] / page_dir / FONT_TOP
+        if top.exists():
+            shutil.rmtree(top)
+        for sub in FONT_SUBDIRS:
+            d = target.parents[1] / page_dir / sub
+            d.mkdir(parents=True, exist_ok=True)
+            for f in fonts:
+                shutil.copy2(f, d / f.name)
+            out.append(d)
     return out
 
 

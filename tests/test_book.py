@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
-REPO = "https://github.com/engram-course/in-search-of-the-engram"
+COURSE = __import__("tomllib").loads((ROOT / "course.toml").read_text())["course"]  # scripts/stamp.py's source
+REPO = COURSE["repository"]
 
 
 def toc_files() -> list[str]:
@@ -73,7 +74,7 @@ def test_execution_and_offline_settings():
     # source tree has no _static/vendor (each .js under a source _static/ would be injected into every page).
     assert sphinx["html_extra_path"] == ["_assets"]
     assert not (ROOT / "_static" / "vendor").exists()
-    assert CONFIG["repository"]["url"] == REPO and CONFIG["repository"]["branch"] == "main"
+    assert CONFIG["repository"]["url"] == REPO and CONFIG["repository"]["branch"] == COURSE["ref"]
     assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
 
 
@@ -228,7 +229,10 @@ def test_notebook_pages_offer_colab_and_hide_install_cell(built):
         if not entry.startswith("notebooks/"):
             continue
         text = (HTML / f"{entry}.html").read_text(encoding="utf-8")
-        assert f"https://colab.research.google.com/github/engram-course/in-search-of-the-engram/blob/main/{entry}.ipynb" in text
+        slug = REPO.removeprefix("https://github.com/")
+        assert f"https://colab.research.google.com/github/{slug}/blob/{COURSE['ref']}/{entry}.ipynb" in text
+        student = f"https://colab.research.google.com/github/{slug}/blob/{COURSE['student_branch']}/{entry}.ipynb"
+        assert student in text, f"{entry}: link to the student version"
         assert "google.colab" not in text, f"{entry}: the Colab install cell must be hidden (remove-cell)"
         assert 'class="output traceback' not in text and "Traceback (most recent call last)" not in text, entry
 

@@ -125,7 +125,7 @@ def test_vendor_assets_copies_what_the_book_loads(tmp_path):
     spec.loader.exec_module(va)
     nm = tmp_path / "node_modules"
     with pytest.raises(SystemExit, match="npm ci"):
-        va.vendor(nm, tmp_path / "out")
+        va.vendor(nm, tmp_path / "a/_static/vendor")
     (nm / "mathjax/es5/output").mkdir(parents=True)
     (nm / "mathjax/es5/tex-chtml.js").write_text("mj")
     (nm / "mathjax/es5/tex-chtml.js.map").write_text("map")
@@ -133,12 +133,19 @@ def test_vendor_assets_copies_what_the_book_loads(tmp_path):
     (nm / "requirejs/require.js").write_text("rq")
     (nm / "@jupyter-widgets/html-manager/dist").mkdir(parents=True)
     (nm / "@jupyter-widgets/html-manager/dist/embed-amd.js").write_text("wm")
-    va.vendor(nm, tmp_path / "out")
-    va.vendor(nm, tmp_path / "out")  # again: replaces the older copy
-    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="font"):
+        va.vendor(nm, tmp_path / "a/_static/vendor")
+    (nm / "@jupyter-widgets/html-manager/dist/abc123.woff2").write_text("font")
+    va.vendor(nm, tmp_path / "a/_static/vendor")
+    va.vendor(nm, tmp_path / "a/_static/vendor")  # again: replaces the older copy
+    out = tmp_path / "a/_static/vendor"
     assert (out / "mathjax/tex-chtml.js").read_text() == "mj" and not (out / "mathjax/tex-chtml.js.map").exists()
     assert (out / "requirejs/require.js").read_text() == "rq"
     assert (out / "html-manager/embed-amd.js").read_text() == "wm"
+    # the icon fonts, where the widget manager asks for them: <page folder>/@jupyter-widgets/html-manager/dist/
+    for page_dir in ("", "notebooks"):
+        assert (tmp_path / "a" / page_dir / "@jupyter-widgets/html-manager/dist/abc123.woff2").read_text() == "font"
+        assert (tmp_path / "a" / page_dir / "@jupyter-widgets/abc123.woff2").read_text() == "font"
     # the paths _config.yml gives Sphinx (relative to the built _static/) are the ones vendored
     config = yaml.safe_load((ROOT / "_config.yml").read_text())["sphinx"]["config"]
     assert va.TARGET == ROOT / config["html_extra_path"][0] / "_static" / "vendor"

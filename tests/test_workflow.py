@@ -1,0 +1,61 @@
+"""The GitHub Actions workflow: tests on pull requests, the book built with its cache and deployed to Pages on main,
+and the student notebooks published where the "student version" links point."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW = yaml.safe_load((ROOT / ".github" / "workflows" / "course.yml").read_text())
+TRIGGERS = WORKFLOW[True]  # YAML 1.1 reads the key `on` as True
+
+
+def steps(job: str) -> list[dict]:
+    return WORKFLOW["jobs"][job]["steps"]
+
+
+def uses(job: str) -> list[str]:
+    return [s["uses"].split("@")[0] for s in steps(job) if "uses" in s]
+
+
+def runs(job: str) -> str:
+    return "\n".join(s.get("run", "") for s in steps(job))
+
+
+def test_triggers():
+    assert "pull_request" in TRIGGERS and TRIGGERS["push"]["branches"] == ["main"]
+
+
+def test_pull_requests_run_ci():
+    job = WORKFLOW["jobs"]["test"]
+    assert "pull_request" in job["if"] and "bash .ci/run" in runs("test")
+    assert job["env"]["CI"] == "true", "CI=true makes a missing Chromium fail the offline check"
+    assert "apt-get install -y chromium" in runs("test")
+    python = next(s for s in steps("test") if s.get("uses", "").startswith("actions/setup-python"))
+    assert python["with"]["python-version"] == "3.11"
+
+
+def test_main_builds_the_book_with_the_cache_and_deploys_to_pages():
+    book = WORKFLOW["jobs"]["book"]
+    assert "!= 'pull_request'" in book["if"]
+    cache = next(s for s in steps("book") if s.get("uses", "").startswith("actions/cache"))
+    assert "_build/.jupyter_cache" in cache["with"]["path"], "restore the execution cache before the build"
+    order = [s.get("uses", s.get("run", "")).split("@")[0] for s in steps("book")]
+    assert order.index(cache["uses"].split("@")[0]) < next(i for i, s in enumerate(order) if "make book" in s)
+    upload = next(s for s in steps("book") if s.get("uses", "").startswith("actions/upload-pages-artifact"))
+    assert upload["with"]["path"] == "_build/html"
+    deploy = WORKFLOW["jobs"]["deploy"]
+    assert deploy["needs"] == "book" and deploy["environment"]["name"] == "github-pages"
+    assert deploy["permissions"] == {"pages": "write", "id-token": "write"}
+    assert uses("deploy") == ["actions/deploy-pages"]
+
+
+def test_student_notebooks_are_published_where_the_links_point():
+    script = runs("book")
+    assert "make student" in script and "_build/html/student" in script
+    branch = tomllib.loads((ROOT / "course.toml").read_text())["course"]["student_branch"]
+    assert "student_branch" in script and "git push" in script, f"push notebooks/student to {branch}"
+    assert WORKFLOW["jobs"]["book"]["permissions"]["contents"] == "write"
