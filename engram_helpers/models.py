@@ -393,7 +393,8 @@ def bos_prefix(tokenizer) -> str:
     """Text put before each prompt: the beginning-of-text token where the model has one.
 
     A tokenizer that adds a beginning-of-sequence token by itself (Gemma's ``<bos>``) gets that token: the
-    model was trained with it in front of every text. GPT-2 and SmolLM2 add no such token; the paper's code
+    model expects it in front of every text (Gemma-3-270M recalls none of the course's facts without it).
+    GPT-2 and SmolLM2 add no such token; the paper's code
     prepends none either, but SmolLM2 recalls facts far better with ``<|endoftext|>`` in front (the token
     that separates its training texts), so that token is used where the vocabulary has it. Else ``""``.
     """
