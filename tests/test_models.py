@@ -200,7 +200,7 @@ def test_a_local_folder_loads_on_the_device_in_the_dtype(tmp_path, default_model
     model = _tiny("llama")
     model.save_pretrained(tmp_path)
     default_model[1].save_pretrained(tmp_path)
-    loaded, tok = load_model(str(tmp_path), device="cpu", dtype=torch.float64)
+    loaded, _ = load_model(str(tmp_path), device="cpu", dtype=torch.float64)
     assert next(loaded.parameters()).dtype == torch.float64 and next(loaded.parameters()).device.type == "cpu"
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     ids = torch.tensor([[1, 2, 3]])
