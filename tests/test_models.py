@@ -192,3 +192,16 @@ def test_two_processes_converting_at_once(tmp_path, default_model):
     assert set(weights) <= set(reference) and len(weights) >= len(reference) - 1  # lm_head is tied
     for name, tensor in weights.items():
         assert torch.equal(tensor, reference[name]), f"{name} differs from the cached conversion"
+
+
+def test_a_local_folder_loads_on_the_device_in_the_dtype(tmp_path, default_model):
+    """A name that is no offline model goes through ``from_pretrained`` with ``device_map`` and ``dtype``
+    (here a tiny model saved locally, with the default model's tokenizer)."""
+    model = _tiny("llama")
+    model.save_pretrained(tmp_path)
+    default_model[1].save_pretrained(tmp_path)
+    loaded, _ = load_model(str(tmp_path), device="cpu", dtype=torch.float64)
+    assert next(loaded.parameters()).dtype == torch.float64 and next(loaded.parameters()).device.type == "cpu"
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.allclose(loaded(input_ids=ids).logits, model.double()(input_ids=ids).logits, atol=1e-6)
