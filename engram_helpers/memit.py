@@ -1,0 +1,332 @@
+"""Mass-Editing Memory in a Transformer (MEMIT; Meng et al. 2023), step by step.
+
+ROME writes one fact into one layer. MEMIT writes a *batch* of facts into a *range* of critical layers
+``R = (l_1, ..., l_L)`` at once, in five inspectable steps::
+
+    z = compute_targets(model, tok, facts, layers[-1], hp.value)      # z_i at the last layer: [n, d_model]
+    for i, l in enumerate(layers):                                      # from the lowest layer up
+        K = compute_keys(model, tok, facts, l)                           # keys k_i at layer l: [n, d_mlp]
+        h = subject_residual(model, tok, facts, layers[-1])              # what layer l_L now outputs: [n, d_model]
+        R = spread_residual(z.z, h, i, len(layers))                      # (z − h) / (layers left): [n, d_model]
+        dW = batch_update(K, R, C[l], hp.mom2_update_weight)             # R Kᵀ (λ C + K Kᵀ)⁻¹: [d_model, d_mlp]
+        write dW into layer l                                            # later layers see this change
+
+:func:`apply_memit` does all of it and returns a :class:`MemitEdit` whose ``undo()`` restores every
+weight bit for bit. ``C`` is E[k kᵀ] at each layer (:func:`engram_helpers.rome.second_moments`); MEMIT
+weights it by λ (the paper code's ``mom2_update_weight``).
+
+The value z of a fact is the residual stream after the last critical layer at the subject's last token,
+plus the vector δ that ROME's value optimization finds when it adds δ to that layer's MLP output (adding δ
+to the MLP output *is* adding it to the layer's output, since the MLP output is summed into the residual).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+from torch import nn
+
+# Everything this module takes from ROME, in one place (rome.py is being split; change only these lines).
+from .rome import EditHandle, HParams, SecondMoment, apply_update, compute_value, context_prefixes
+from .rome import default_hparams as rome_default_hparams
+from .rome import mlp_keys, subject_last_index
+from .hooks import trace
+from .models import DEFAULT_MODEL, answer_ids, arch, encode
+
+
+class Request(Protocol):
+    """What an edit needs: a prompt that contains the subject, and the new object (a ``data.Fact`` is one)."""
+
+    prompt: str
+    subject: str
+    target_new: str
+
+
+@dataclass(frozen=True)
+class MemitHParams:
+    """MEMIT's settings.
+
+    ``layers``: the critical layers, increasing (the value z is set at the last). ``mom2_update_weight``:
+    λ, the weight of the key statistics C against the new keys (larger: smaller, more conservative
+    changes). ``value``: ROME's settings for the optimization of δ (steps, learning rate, weight decay, KL
+    factor, clamp factor, context prefixes); its ``layer`` is ignored.
+    """
+
+    layers: tuple[int, ...]
+    mom2_update_weight: float
+    value: HParams
+
+
+PAPER_GPT2_XL = MemitHParams(layers=(13, 14, 15, 16, 17), mom2_update_weight=20_000.0,
+                             value=HParams(layer=17, v_steps=20, v_lr=0.5, v_weight_decay=0.5, kl_factor=0.0625,
+                                           clamp_factor=0.75, n_prefixes=10, prefix_len=10))
+"""The paper code's GPT-2 XL settings (``hparams/MEMIT/gpt2-xl.json``): layers 13–17, λ = 20,000, 20 Adam
+steps at lr 0.5, clamp 0.75 (of the residual's norm there; ROME's value code here clamps relative to the
+MLP output's norm instead). C in the paper comes from 100,000 Wikipedia samples."""
+
+DEFAULT_HPARAMS = MemitHParams(layers=(1, 2, 3, 4), mom2_update_weight=1_000.0,
+                               value=HParams(layer=4, v_steps=20, v_lr=0.5, v_weight_decay=0.5, kl_factor=0.0625,
+                                             clamp_factor=4.0, nll_stop=0.05, n_prefixes=3, prefix_len=10))
+"""Settings for the offline default model (SmolLM2-135M): layers 1–4, where its MLP indirect effect at
+the subject's last token is strong (``book/retrieval.md``), ending at ROME's layer 4. λ chosen on the
+development facts in ``notebooks/consolidation.ipynb``."""
+
+
+def default_hparams(model: nn.Module) -> MemitHParams:
+    """The settings for ``model``: tuned ones for the offline default, else five layers ending at ROME's layer."""
+    rome_hp = rome_default_hparams(model)
+    if getattr(model.config, "_name_or_path", "").rstrip("/").endswith(DEFAULT_MODEL):
+        return DEFAULT_HPARAMS
+    top = max(rome_hp.layer, 1)
+    return MemitHParams(layers=tuple(range(max(0, top - 4), top + 1)), mom2_update_weight=DEFAULT_HPARAMS.mom2_update_weight,
+                        value=DEFAULT_HPARAMS.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking the input
+
+
+def check_requests(requests: Sequence[Request]) -> None:
+    """Raise ValueError for an empty batch, a subject missing from its prompt, or one subject with two targets.
+
+    Two requests with the same subject read (nearly) the same key at the subject's last token, so a batch
+    that asks for two different new objects would get their least-squares average.
+    """
+    if not requests:
+        raise ValueError("The batch is empty: pass at least one fact, e.g. data.known_facts(model, tok)[:10].")
+    targets: dict[str, str] = {}
+    for r in requests:
+        if r.subject not in r.prompt:
+            raise ValueError(f"The subject {r.subject!r} does not occur in the prompt {r.prompt!r}: give the "
+                             f"subject exactly as written in the prompt.")
+        if not r.target_new or not r.target_new.strip():
+            raise ValueError(f"The new object for {r.subject!r} is empty: give a word, e.g. 'Rome'.")
+        old = targets.setdefault(r.subject, r.target_new)
+        if old != r.target_new:
+            raise ValueError(f"The subject {r.subject!r} appears twice with different new objects ({old!r} and "
+                             f"{r.target_new!r}): both read the same key, so edit them in separate batches.")
+
+
+def check_layers(model: nn.Module, layers: Sequence[int]) -> tuple[int, ...]:
+    """The critical layers as a tuple; raises if empty, not strictly increasing, out of range, or ending at
+    the model's last layer."""
+    layers = tuple(int(l) for l in layers)
+    if not layers:
+        raise ValueError("No critical layers: give at least one, e.g. layers=(1, 2, 3, 4).")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"The critical layers {layers} must be strictly increasing (the value is set at the last).")
+    a = arch(model)
+    for l in layers:
+        a.mlp_out_name(l)  # IndexError naming the valid range
+    if layers[-1] == a.n_layers - 1:
+        raise ValueError(f"The last critical layer {layers[-1]} is the model's last layer: a change there at the "
+                         f"subject's token cannot reach the tokens after it (no attention follows). Use lower layers.")
+    return layers
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 1: keys
+
+
+def compute_keys(model: nn.Module, tokenizer, requests: Sequence[Request], layer: int,
+                 prefixes: Sequence[str] = ()) -> torch.Tensor:
+    """Each request's key at ``layer``: the MLP output projection's input at the subject's last token,
+    averaged over the bare prompt and the prompt after each context prefix. Returns [n, d_mlp].
+
+    All prompts run in one batched forward pass.
+    """
+    contexts = ["{}"] + [p + ". {}" for p in prefixes]
+    texts = [c.format(r.prompt) for r in requests for c in contexts]
+    idx = [subject_last_index(tokenizer, t, r.subject) for r in requests for t in
+           (c.format(r.prompt) for c in contexts)]
+    keys = mlp_keys(model, tokenizer, texts, idx, layer)  # [n * n_contexts, d_mlp]
+    return keys.reshape(len(requests), len(contexts), -1).mean(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 2: target values at the last critical layer
+
+
+@torch.no_grad()
+def subject_residual(model: nn.Module, tokenizer, requests: Sequence[Request], layer: int) -> torch.Tensor:
+    """The residual stream after ``layer`` (the decoder block's output) at the subject's last token of each
+    bare prompt. Returns [n, d_model]."""
+    device = next(model.parameters()).device
+    prompts = [r.prompt for r in requests]
+    batch, _ = encode(tokenizer, prompts, device)
+    idx = torch.tensor([subject_last_index(tokenizer, r.prompt, r.subject) for r in requests], device=device)
+    with trace(model, arch(model).layer_name(layer)) as t:
+        model(**batch)
+    return t.output[torch.arange(len(prompts), device=device), idx].float()
+
+
+@dataclass
+class Targets:
+    """The result of :func:`compute_targets`.
+
+    ``z``: the target residual after the last critical layer, [n, d_model]; ``delta``: z minus the unedited
+    residual, [n, d_model]; ``p_new``: probability of the new object at the end of each optimization, [n];
+    ``layer``: the layer z belongs to.
+    """
+
+    z: torch.Tensor
+    delta: torch.Tensor
+    p_new: torch.Tensor
+    layer: int
+
+    def select(self, idx: Sequence[int]) -> "Targets":
+        """The targets of the requests at positions ``idx`` (to reuse them for a sub-batch)."""
+        i = torch.as_tensor(list(idx), dtype=torch.long)
+        return Targets(self.z[i], self.delta[i], self.p_new[i], self.layer)
+
+
+def compute_targets(model: nn.Module, tokenizer, requests: Sequence[Request], layer: int,
+                    value_hparams: HParams, seed: int = 0) -> Targets:
+    """For each request, ROME's value optimization at ``layer``: a vector δ added to that layer's output at
+    the subject's last token so that the new object follows the prompt (after every context prefix); then
+    z = (unedited residual after ``layer``) + δ. Requests are optimized one at a time (they are independent).
+    """
+    check_requests(requests)
+    prefixes = context_prefixes(model, tokenizer, value_hparams.n_prefixes, value_hparams.prefix_len)
+    deltas, p_new = [], []
+    for r in requests:
+        val = compute_value(model, tokenizer, r.prompt, r.subject, r.target_new, layer, hparams=value_hparams,
+                            prefixes=prefixes, seed=seed)
+        deltas.append(val.delta.float().cpu())
+        p_new.append(val.p_new)
+    delta = torch.stack(deltas)
+    z = subject_residual(model, tokenizer, requests, layer).cpu() + delta
+    return Targets(z=z, delta=delta, p_new=torch.tensor(p_new), layer=layer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 3: spreading the residual over the layers
+
+
+def spread_residual(z: torch.Tensor, current: torch.Tensor, index: int, n_layers: int) -> torch.Tensor:
+    """The share of the remaining error that critical layer number ``index`` (0-based, of ``n_layers``)
+    writes: (z − current) / (n_layers − index). z, current: [n, d_model]; returns [n, d_model].
+
+    The first layer takes 1/L of the error, the next 1/(L−1) of what is then left, …, the last all the rest.
+    """
+    if not 0 <= index < n_layers:
+        raise ValueError(f"index must be in 0..{n_layers - 1}, got {index}.")
+    if z.shape != current.shape:
+        raise ValueError(f"z {tuple(z.shape)} and current {tuple(current.shape)} must have the same shape [n, d_model].")
+    return (z - current) / (n_layers - index)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 4: the batched least-squares update
+
+
+def batch_update(keys: torch.Tensor, residuals: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
+    """MEMIT's update ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹ (here with one row per fact: K = keysᵀ, R = residualsᵀ).
+
+    It minimizes λ·tr(ΔW C ΔWᵀ) + Σ_i ‖ΔW k_i − r_i‖²: keep the outputs on the keys that C summarizes, and
+    add r_i on each new key k_i. keys: [n, d_in]; residuals: [n, d_out]; C: [d_in, d_in] (E[k kᵀ]);
+    lam: λ > 0. Returns ΔW: [d_out, d_in] (float32, computed in float64).
+    """
+    if keys.dim() != 2 or residuals.dim() != 2 or keys.shape[0] != residuals.shape[0]:
+        raise ValueError(f"keys must be [n, d_in] and residuals [n, d_out] with the same n; got "
+                         f"{tuple(keys.shape)} and {tuple(residuals.shape)}.")
+    if keys.shape[0] == 0:
+        raise ValueError("No keys: the batch is empty.")
+    d_in = keys.shape[1]
+    if C.shape != (d_in, d_in):
+        raise ValueError(f"C must be [{d_in}, {d_in}] to match the keys, got {tuple(C.shape)}.")
+    if not lam > 0:
+        raise ValueError(f"λ (mom2_update_weight) must be positive, got {lam}.")
+    K, R = keys.double(), residuals.double().to(keys.device)
+    A = lam * C.double().to(keys.device) + K.T @ K           # [d_in, d_in], symmetric positive definite
+    return torch.linalg.solve(A, K.T @ R).T.float()           # (A⁻¹ Kᵀ R)ᵀ = R Kᵀ A⁻¹ (column convention)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Applying and undoing
+
+
+@dataclass(eq=False)
+class MemitEdit:
+    """The per-layer changes of one MEMIT batch, applied; ``undo()`` restores every weight bit for bit.
+
+    ``handles``: one ROME :class:`EditHandle` per critical layer, lowest first; ``log``: per layer the mean
+    norm of the remaining error before the layer wrote its share (``error``) and ‖ΔW‖ (``update_norm``).
+    """
+
+    handles: list[EditHandle]
+    layers: tuple[int, ...]
+    targets: Targets
+    log: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return any(h.active for h in self.handles)
+
+    def deltas(self) -> dict[int, torch.Tensor]:
+        """ΔW per critical layer: ``{layer: [d_model, d_mlp]}``."""
+        return {h.layer: h.delta for h in self.handles}
+
+    def undo(self) -> None:
+        """Restore the weights as they were before this batch (most recent layer first)."""
+        for h in reversed(self.handles):
+            h.undo()
+
+    def __enter__(self) -> "MemitEdit":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+
+def _as_matrix(C, layer: int) -> torch.Tensor:
+    if isinstance(C, SecondMoment):
+        if C.layer != layer:
+            raise ValueError(f"C was estimated at layer {C.layer}, but is given for layer {layer}.")
+        return C.C
+    if isinstance(C, torch.Tensor):
+        return C
+    raise TypeError(f"C for layer {layer} must be a SecondMoment or a [d_mlp, d_mlp] tensor.")
+
+
+def apply_memit(model: nn.Module, tokenizer, requests: Sequence[Request], Cs: dict,
+                hparams: MemitHParams | None = None, targets: Targets | None = None,
+                verbose: bool = False) -> MemitEdit:
+    """Write all ``requests`` into the critical layers at once (MEMIT). Returns a :class:`MemitEdit`.
+
+    ``Cs``: ``{layer: SecondMoment or [d_mlp, d_mlp] tensor}`` for every critical layer. ``targets``: from
+    :func:`compute_targets` on the *unedited* model (pass them to reuse one optimization for several
+    batches; ``targets.select``); computed here if None.
+    """
+    check_requests(requests)
+    hp = hparams or default_hparams(model)
+    layers = check_layers(model, hp.layers)
+    missing = [l for l in layers if l not in Cs]
+    if missing:
+        raise ValueError(f"No key statistics C for layers {missing}: pass rome.second_moments(model, tok, {list(layers)}).")
+    for r in requests:
+        answer_ids(tokenizer, r.target_new)
+    if targets is None:
+        targets = compute_targets(model, tokenizer, requests, layers[-1], hp.value)
+    if targets.layer != layers[-1] or targets.z.shape[0] != len(requests):
+        raise ValueError(f"The targets are for layer {targets.layer} and {targets.z.shape[0]} requests, but the "
+                         f"batch has {len(requests)} requests and its last critical layer is {layers[-1]}.")
+    prefixes = context_prefixes(model, tokenizer, hp.value.n_prefixes, hp.value.prefix_len)
+    edit = MemitEdit([], layers, targets)
+    try:
+        for i, l in enumerate(layers):
+            K = compute_keys(model, tokenizer, requests, l, prefixes)
+            current = subject_residual(model, tokenizer, requests, layers[-1]).cpu()
+            R = spread_residual(targets.z, current, i, len(layers))
+            dW = batch_update(K.cpu(), R, _as_matrix(Cs[l], l).cpu(), hp.mom2_update_weight)
+            edit.handles.append(apply_update(model, l, dW, info={"memit_layer_index": i}))
+            edit.log.append({"layer": l, "error": float((targets.z - current).norm(dim=1).mean()),
+                             "update_norm": float(dW.norm())})
+            if verbose:
+                print(f"layer {l}: remaining error {edit.log[-1]['error']:.2f}, ‖ΔW‖ {edit.log[-1]['update_norm']:.3f}")
+    except BaseException:
+        edit.undo()
+        raise
+    return edit
