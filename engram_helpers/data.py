@@ -35,6 +35,7 @@ class Fact:
     target_new: str          # a counterfactual object for editing, e.g. "Rome"
     paraphrases: tuple[str, ...]    # full prompts, same fact, other wording (contain the subject)
     neighbourhood: tuple[str, ...]  # full prompts, other subjects, same relation and same true object
+    split: str = ""                 # "dev" (choose settings) or "test" (report); "" where not yet assigned
 
     @property
     def prompt(self) -> str:
