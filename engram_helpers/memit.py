@@ -330,3 +330,21 @@ def apply_memit(model: nn.Module, tokenizer, requests: Sequence[Request], Cs: di
         edit.undo()
         raise
     return edit
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Interference between keys
+
+
+def key_similarity(keys: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of keys in the metric C⁻¹ (the one the update uses): [n, n] from keys [n, d_in].
+
+    Entry (i, j) is k_iᵀC⁻¹k_j / √(k_iᵀC⁻¹k_i · k_jᵀC⁻¹k_j). An update written for k_i also moves the
+    output on k_j in proportion to it: 0 means no interference, ±1 the same direction (the same memory).
+    """
+    if keys.dim() != 2 or C.shape != (keys.shape[1], keys.shape[1]):
+        raise ValueError(f"keys must be [n, d_in] and C [d_in, d_in]; got {tuple(keys.shape)} and {tuple(C.shape)}.")
+    K = keys.double()
+    G = K @ torch.linalg.solve(C.double(), K.T)        # [n, n] Gram matrix in the metric C⁻¹
+    norms = G.diagonal().clamp_min(1e-30).sqrt()
+    return (G / norms[:, None] / norms[None, :]).float()
