@@ -22,6 +22,10 @@ to the MLP output *is* adding it to the layer's output, since the MLP output is 
 
 from __future__ import annotations
 
+import math
+import re
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -29,10 +33,11 @@ import torch
 from torch import nn
 
 # Everything this module takes from ROME, in one place (rome.py is being split; change only these lines).
-from .rome import EditHandle, HParams, SecondMoment, apply_update, compute_value, context_prefixes
+from .rome import EditHandle, HParams, SecondMoment, apply_rome, apply_update, compute_value, context_prefixes
 from .rome import default_hparams as rome_default_hparams
-from .rome import mlp_keys, subject_last_index
+from .rome import mlp_keys, sample_text, score_edit, subject_last_index
 from .hooks import trace
+from .forgetting import next_token_accuracy
 from .models import DEFAULT_MODEL, answer_ids, arch, encode
 
 
@@ -348,3 +353,147 @@ def key_similarity(keys: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     G = K @ torch.linalg.solve(C.double(), K.T)        # [n, n] Gram matrix in the metric C⁻¹
     norms = G.diagonal().clamp_min(1e-30).sqrt()
     return (G / norms[:, None] / norms[None, :]).float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Many edits: scores, fluency, intervals, and sequential ROME against one MEMIT batch
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """The ROME paper's fluency measure: the mean over n of weight_n × the entropy (bits) of the text's
+    word n-gram frequencies (bigrams ×2/3, trigrams ×4/3). Repetitive text scores low.
+
+    Words are runs of letters/digits or single other non-space characters (the paper uses nltk's tokenizer).
+    """
+    words = re.findall(r"\w+|[^\w\s]", text)
+    parts = []
+    for n, w in zip(ns, weights):
+        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        parts.append(w * h)
+    return sum(parts) / len(parts)
+
+
+def bootstrap_interval(values: Sequence[float], n_boot: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``values`` and a percentile bootstrap interval (resampling the values with replacement).
+
+    Returns ``(mean, low, high)``; with one value the interval is that value.
+    """
+    x = torch.as_tensor(list(values), dtype=torch.float64)
+    if x.numel() == 0:
+        raise ValueError("No values to bootstrap: give at least one.")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, x.numel(), (n_boot, x.numel()), generator=g)
+    means = x[idx].mean(dim=1)
+    a = (1 - level) / 2
+    return float(x.mean()), float(means.quantile(a)), float(means.quantile(1 - a))
+
+
+def score_facts(model: nn.Module, tokenizer, facts: Sequence) -> dict[str, list[float]]:
+    """Per fact, CounterFact-style (whole-answer probabilities): ``efficacy`` (1 if the new object beats
+    the true one on the prompt), ``paraphrase`` (share of paraphrases where it does), ``neighbourhood``
+    (share of neighbourhood prompts that still prefer the true object). Lists of length len(facts)."""
+    out: dict[str, list[float]] = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
+    for f in facts:
+        s = score_edit(model, tokenizer, f)
+        for k in out:
+            out[k].append(s[k][0] / s[k][1] if s[k][1] else float("nan"))
+    return out
+
+
+def general_ability(model: nn.Module, tokenizer, texts: Sequence[str], gen_prompts: Sequence[str],
+                    gen_tokens: int = 30, max_tokens: int = 48, seed: int = 0) -> dict[str, list[float]]:
+    """``accuracy``: next-token top-1 accuracy on each text (its first ``max_tokens`` tokens);
+    ``entropy``: :func:`ngram_entropy` of a top-5 sampled continuation (seeded) of each generation prompt."""
+    acc = [next_token_accuracy(model, tokenizer, [t], max_tokens=max_tokens) for t in texts]
+    ent = []
+    for i, p in enumerate(gen_prompts):
+        g = torch.Generator().manual_seed(seed + i)
+        ent.append(ngram_entropy(p + sample_text(model, tokenizer, p, gen_tokens, top_k=5, generator=g)))
+    return {"accuracy": acc, "entropy": ent}
+
+
+def sequential_vs_batch(model: nn.Module, tokenizer, facts: Sequence, counts: Sequence[int], Cs: dict,
+                        hparams: MemitHParams, rome_hparams: HParams, texts: Sequence[str],
+                        gen_prompts: Sequence[str], gen_tokens: int = 30, targets: Targets | None = None,
+                        verbose: bool = False) -> list[dict]:
+    """Edit the first n facts for each n in ``counts``, (a) one after another with ROME (the edits
+    accumulate; scores taken when n edits are in) and (b) as one MEMIT batch (undone before the next n).
+
+    Returns one row per (method, n), plus ``("unedited", 0)``: the per-fact lists of :func:`score_facts`
+    over the first n facts (all facts for the unedited model), the per-text/per-prompt lists of
+    :func:`general_ability`, and ``seconds`` (editing time). Every edit is undone at the end.
+    """
+    counts = sorted({int(n) for n in counts})
+    if not counts or counts[0] < 1 or counts[-1] > len(facts):
+        raise ValueError(f"counts must lie in 1..{len(facts)} (the number of facts), got {counts}.")
+    facts = list(facts[:counts[-1]])
+    check_requests(facts)
+    if rome_hparams.layer not in Cs:
+        raise ValueError(f"No C for ROME's layer {rome_hparams.layer}: add it to Cs.")
+
+    def row(method: str, n: int, seconds: float, scored: Sequence) -> dict:
+        r = {"method": method, "n": n, "seconds": seconds, **score_facts(model, tokenizer, scored),
+             **general_ability(model, tokenizer, texts, gen_prompts, gen_tokens)}
+        if verbose:
+            print(f"{method:9} n={n:3}: efficacy {sum(r['efficacy']) / len(r['efficacy']):.2f}, neighbourhood "
+                  f"{sum(r['neighbourhood']) / len(r['neighbourhood']):.2f}, accuracy "
+                  f"{sum(r['accuracy']) / len(r['accuracy']):.3f}, entropy {sum(r['entropy']) / len(r['entropy']):.2f}"
+                  f" ({seconds:.0f} s)")
+        return r
+
+    rows = [row("unedited", 0, 0.0, facts)]
+    t0 = time.perf_counter()
+    if targets is None:
+        targets = compute_targets(model, tokenizer, facts, hparams.layers[-1], hparams.value)
+    t_targets = time.perf_counter() - t0
+    for n in counts:
+        t = time.perf_counter()
+        with apply_memit(model, tokenizer, facts[:n], Cs, hparams, targets=targets.select(range(n))):
+            rows.append(row("memit", n, t_targets * n / len(facts) + time.perf_counter() - t, facts[:n]))
+    handles: list[EditHandle] = []
+    spent = 0.0
+    try:
+        for i, f in enumerate(facts):
+            t = time.perf_counter()
+            handles.append(apply_rome(model, tokenizer, f.prompt, f.subject, f.target_new, hparams=rome_hparams,
+                                      C=Cs[rome_hparams.layer]))
+            spent += time.perf_counter() - t
+            if i + 1 in counts:
+                rows.append(row("rome_seq", i + 1, spent, facts[:i + 1]))
+    finally:
+        for h in reversed(handles):
+            h.undo()
+    return rows
+
+
+def splits(facts: Sequence) -> dict[int, str]:
+    """``{fact id: "dev" or "test"}``: a record's ``split`` field where it has one; records without one
+    alternate dev/test within their relation, in file order (the rule the new records follow)."""
+    out: dict[int, str] = {}
+    count: dict[str, int] = {}
+    for f in facts:
+        if getattr(f, "split", ""):
+            out[f.id] = f.split
+        else:
+            i = count.get(f.relation, 0)
+            count[f.relation] = i + 1
+            out[f.id] = "dev" if i % 2 == 0 else "test"
+    return out
+
+
+def edit_order(facts: Sequence) -> list:
+    """The facts in round-robin order over their relations, keeping only the first fact of each subject
+    (a batch needs distinct subjects: see :func:`check_requests`). The first n of the result mix relations."""
+    by_rel: dict[str, list] = {}
+    for f in facts:
+        by_rel.setdefault(f.relation, []).append(f)
+    order, seen = [], set()
+    for i in range(max((len(v) for v in by_rel.values()), default=0)):
+        for rel in by_rel:
+            if i < len(by_rel[rel]) and by_rel[rel][i].subject not in seen:
+                seen.add(by_rel[rel][i].subject)
+                order.append(by_rel[rel][i])
+    return order
