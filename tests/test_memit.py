@@ -235,3 +235,47 @@ def test_real_batch_takes_on_the_new_objects(tmp_path):
         wins = [rome.score_edit(model, tok, f)["efficacy"][0] for f in facts]
     assert sum(wins) >= 2, wins
     assert data.known_facts(model, tok, facts) == facts, "undo must bring the true objects back"
+
+
+# ----------------------------------------------------------------------------------- evaluation helpers
+
+
+def test_ngram_entropy_is_zero_for_repetition_and_grows_with_variety():
+    assert memit.ngram_entropy("the the the the the the") == 0.0
+    varied = "the cat sat on the mat while a dog ran past the old red barn"
+    assert memit.ngram_entropy(varied) > memit.ngram_entropy("the cat sat the cat sat the cat sat")
+    # 15 distinct bigrams and 14 distinct trigrams in 16 words: (2/3·log2 15 + 4/3·log2 14) / 2
+    words = "a b c d e f g h i j k l m n o p"
+    import math
+    assert abs(memit.ngram_entropy(words) - (2 / 3 * math.log2(15) + 4 / 3 * math.log2(14)) / 2) < 1e-9
+
+
+def test_bootstrap_interval_brackets_the_mean_and_is_seeded():
+    vals = [0, 1, 1, 0, 1, 1, 1, 0, 1, 1]
+    m, lo, hi = memit.bootstrap_interval(vals, seed=3)
+    assert abs(m - 0.7) < 1e-12 and 0 < lo < m < hi <= 1
+    assert memit.bootstrap_interval(vals, seed=3) == (m, lo, hi)
+    assert memit.bootstrap_interval([0.5]) == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="No values"):
+        memit.bootstrap_interval([])
+
+
+def test_splits_and_edit_order():
+    from engram_helpers import data
+
+    facts = data.load_facts()
+    split = memit.splits(facts)
+    assert set(split.values()) == {"dev", "test"}
+    assert all(split[f.id] == f.split for f in facts if f.split)
+    order = memit.edit_order(facts)
+    assert len({f.subject for f in order}) == len(order)  # distinct subjects
+    assert len({f.relation for f in order[:7]}) == 7        # the first facts mix the relations
+    memit.check_requests(order)
+
+
+def test_sequential_vs_batch_rejects_bad_counts(tiny, tok):
+    hp = _hp()
+    with pytest.raises(ValueError, match="counts must lie"):
+        memit.sequential_vs_batch(tiny, tok, REQS, [0, 2], {}, hp, hp.value, [], [])
+    with pytest.raises(ValueError, match="counts must lie"):
+        memit.sequential_vs_batch(tiny, tok, REQS, [5], {}, hp, hp.value, [], [])
