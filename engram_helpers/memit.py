@@ -64,12 +64,14 @@ class MemitHParams:
     value: HParams
 
 
-PAPER_GPT2_XL = MemitHParams(layers=(13, 14, 15, 16, 17), mom2_update_weight=20_000.0,
-                             value=HParams(layer=17, v_steps=20, v_lr=0.5, v_weight_decay=0.5, kl_factor=0.0625,
-                                           clamp_factor=0.75, n_prefixes=10, prefix_len=10))
-"""The paper code's GPT-2 XL settings (``hparams/MEMIT/gpt2-xl.json``): layers 13–17, λ = 20,000, 20 Adam
-steps at lr 0.5, clamp 0.75 (of the residual's norm there; ROME's value code here clamps relative to the
-MLP output's norm instead). C in the paper comes from 100,000 Wikipedia samples."""
+PAPER_GPT_J = MemitHParams(layers=(3, 4, 5, 6, 7, 8), mom2_update_weight=15_000.0,
+                           value=HParams(layer=8, v_steps=25, v_lr=0.5, v_weight_decay=0.5, kl_factor=0.0625,
+                                         clamp_factor=0.75, n_prefixes=5, prefix_len=10, cov_tokens=100_000,
+                                         cov_source="wikitext"))
+"""The paper code's settings for GPT-J 6B (``hparams/MEMIT/EleutherAI_gpt-j-6B.json``): layers 3–8,
+λ = 15,000, 25 Adam steps at lr 0.5, weight decay 0.5, KL factor 0.0625, clamp 0.75 (of the residual's
+norm; ROME's value code here clamps relative to the MLP output's norm instead), C from 100,000 Wikipedia
+samples (here: ``cov_tokens`` tokens). For reference only: GPT-J does not run offline in this course."""
 
 DEFAULT_HPARAMS = MemitHParams(layers=(1, 2, 3, 4), mom2_update_weight=1_000.0,
                                value=HParams(layer=4, v_steps=20, v_lr=0.5, v_weight_decay=0.5, kl_factor=0.0625,
