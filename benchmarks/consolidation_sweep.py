@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--counts", type=int, nargs="+", default=[1, 10, 30, 100])
     ap.add_argument("--lam", type=float, default=memit.DEFAULT_HPARAMS.mom2_update_weight)
     ap.add_argument("--n-prefixes", type=int, default=2)
-    ap.add_argument("--cov-tokens", type=int, default=10_000)
+    ap.add_argument("--cov-tokens", type=int, default=20_000)
     ap.add_argument("--n-texts", type=int, default=24)
     ap.add_argument("--n-gen", type=int, default=4)
     ap.add_argument("--gen-tokens", type=int, default=30)
