@@ -43,11 +43,12 @@ def source_of(entry: str) -> Path | None:
 def test_toc_order_and_parts():
     assert TOC["format"] == "jb-book" and TOC["root"] == "book/intro"
     assert [p["caption"] for p in TOC["parts"]] == [
-        "Foundations", "Formation", "Retrieval", "Modification", "Forgetting", "Looking back",
+        "Foundations", "Formation", "Retrieval", "Modification", "Forgetting", "Consolidation", "Looking back",
         "For teachers and reference"]
     assert toc_files()[1:] == [
         "book/engram", "book/formation", "notebooks/grafting", "book/retrieval", "notebooks/causal_tracing",
-        "book/modification", "notebooks/toy_memory", "notebooks/rome", "notebooks/explorers", "book/forgetting", "notebooks/forgetting", "book/limits",
+        "book/modification", "notebooks/toy_memory", "notebooks/rome", "notebooks/explorers", "book/forgetting",
+        "notebooks/forgetting", "book/consolidation", "notebooks/consolidation", "book/limits",
         "book/instructors", "book/glossary", "book/bibliography"]
 
 

@@ -1,0 +1,86 @@
+"""The larger consolidation sweep: sequential ROME against one MEMIT batch at growing numbers of facts.
+
+Runs the same comparison as ``notebooks/consolidation.ipynb`` (section 3) on more test facts and writes
+the per-fact and per-text scores with bootstrap intervals to a JSON file. λ is taken from the command line
+(the notebook chooses it on development facts). Run with ``make consolidation-sweep``, or for example:
+
+    PYTHONPATH=$PWD python benchmarks/consolidation_sweep.py --counts 1 10 30 100 --threads 2
+
+On 2 shared CPU cores each edit costs seconds to tens of seconds (the value optimization), so 100
+sequential ROME edits plus 100 MEMIT values take most of an hour or more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from engram_helpers import data, memit, rome, textdata
+from engram_helpers.models import load_model
+
+METRICS = ("efficacy", "paraphrase", "neighbourhood", "accuracy", "entropy")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--counts", type=int, nargs="+", default=[1, 10, 30, 100])
+    ap.add_argument("--lam", type=float, default=memit.DEFAULT_HPARAMS.mom2_update_weight)
+    ap.add_argument("--n-prefixes", type=int, default=2)
+    ap.add_argument("--cov-tokens", type=int, default=20_000)
+    ap.add_argument("--n-texts", type=int, default=24)
+    ap.add_argument("--n-gen", type=int, default=4)
+    ap.add_argument("--gen-tokens", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results/consolidation_sweep.json")
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model, tok = load_model()
+    facts = data.load_facts()
+    known = data.known_facts(model, tok, facts)
+    split = memit.splits(facts)
+    test = memit.edit_order([f for f in known if split[f.id] == "test"])
+    counts = [n for n in args.counts if n <= len(test)]
+    if counts != sorted(args.counts):
+        print(f"only {len(test)} known test facts with distinct subjects: counts {args.counts} -> {counts}")
+    base = memit.DEFAULT_HPARAMS
+    value = replace(base.value, n_prefixes=args.n_prefixes, cov_tokens=args.cov_tokens)
+    hp = memit.MemitHParams(base.layers, args.lam, value)
+    rome_hp = replace(rome.default_hparams(model), n_prefixes=args.n_prefixes, cov_tokens=args.cov_tokens)
+    Cs = rome.second_moments(model, tok, sorted(set(hp.layers) | {rome_hp.layer}), n_tokens=args.cov_tokens)
+
+    bbc = textdata.load_bbc()
+    c_texts = {" ".join(t.split())[:200] for t in rome.bbc_texts()[:400]}
+    held_out = [t for t in bbc.texts if " ".join(t.split())[:200] not in c_texts]
+    perm = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(args.seed))
+    texts = [held_out[i] for i in perm[:args.n_texts]]
+    gen_prompts = [f.prompt for f in test[:args.n_gen]]
+
+    rows = memit.sequential_vs_batch(model, tok, test, counts, Cs, hp, rome_hp, texts, gen_prompts,
+                                     args.gen_tokens, verbose=True)
+    summary = [{"method": r["method"], "n": r["n"], "seconds": r["seconds"],
+                **{m: memit.bootstrap_interval(r[m], seed=args.seed) for m in METRICS}} for r in rows]
+    out = {"args": vars(args), "layers": list(hp.layers), "rome_layer": rome_hp.layer,
+           "n_known": len(known), "n_test_distinct": len(test), "threads": args.threads,
+           "machine": platform.platform(), "wall_seconds": time.perf_counter() - start,
+           "summary": summary, "rows": rows, "facts": [f.id for f in test[:counts[-1]]]}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1), encoding="utf-8")
+    for s in summary:
+        print(f"{s['method']:9} n={s['n']:3}: " + ", ".join(f"{m} {s[m][0]:.3f} [{s[m][1]:.3f}, {s[m][2]:.3f}]"
+                                                          for m in METRICS))
+    print(f"wrote {path} after {out['wall_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
