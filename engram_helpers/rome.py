@@ -261,10 +261,11 @@ def compute_value(model: nn.Module, tok, query: Query, key: torch.Tensor, hparam
     from transformers import DynamicCache
 
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    with torch.no_grad():  # the part that does not depend on delta, once
-        cache = DynamicCache(config=model.config)
-        model(input_ids=b.prefix_ids, attention_mask=b.prefix_mask, position_ids=b.positions[:, :S],
-              use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+    cache = DynamicCache(config=model.config)
+    if S > 0:  # the part that does not depend on delta, once
+        with torch.no_grad():
+            model(input_ids=b.prefix_ids, attention_mask=b.prefix_mask, position_ids=b.positions[:, :S],
+                  use_cache=True, logits_to_keep=1, **{cache_arg: cache})
 
     torch.manual_seed(seed)
     delta = torch.zeros_like(out_init, requires_grad=True)
