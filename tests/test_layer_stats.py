@@ -48,7 +48,7 @@ def test_second_moments_equal_a_direct_computation_and_stop_early(default_model,
         K = torch.cat(keys[layer])
         assert m.n_tokens == n == len(K)
         assert torch.allclose(m.C, K.T @ K / n, rtol=1e-4, atol=1e-5)
-        assert torch.equal(m.C, m.C.T) and m.is_spd() and 1 < m.cond() < 1e9
+        assert torch.equal(m.C, m.C.T)  # (600 tokens < 1536 dimensions: C is singular here, so no SPD check)
     t = time.perf_counter()
     again = layer_stats.second_moment(model, tok, 3, n_tokens=n, seq_len=32)
     assert time.perf_counter() - t < 2, "the cached C should load, not be recomputed"
