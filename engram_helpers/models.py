@@ -458,3 +458,92 @@ def predict(model: nn.Module, tokenizer, prompts: list[str] | str, k: int = 1) -
         [(tokenizer.decode([int(i)]), float(p)) for p, i in zip(ps, ids)]
         for ps, ids in zip(top.values, top.indices)
     ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring whole answers, generating text, and naming cached files (shared by ROME, evaluation, explorers).
+
+
+def _answer_batch(tok, prompts: list[str], answers: list[list[int]], device):
+    """Prompts (with the encode prefix) followed by answer token ids, right-padded.
+
+    Returns input_ids, attention_mask [n, seq] and, per row, the positions whose logits predict the answer
+    tokens (list of lists).
+    """
+    rows, pred_pos = [], []
+    for p, a in zip(prompts, answers):
+        ids = encode(tok, p)[0]["input_ids"][0].tolist()
+        pred_pos.append(list(range(len(ids) - 1, len(ids) - 1 + len(a))))
+        rows.append(ids + list(a))
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return input_ids, mask, pred_pos
+
+
+@torch.no_grad()
+def answer_token_logprobs(model: nn.Module, tok, prompts: list[str], answers: list[str],
+                          batch_size: int = 32) -> list[torch.Tensor]:
+    """Log-probability of each token of each answer after its prompt (teacher-forced): one [n_tokens] per pair."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"Got {len(prompts)} prompts but {len(answers)} answers: give one answer per prompt.")
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = []
+    for s in range(0, len(prompts), batch_size):
+        ids_list = [answer_ids(tok, a) for a in answers[s:s + batch_size]]
+        input_ids, mask, pos = _answer_batch(tok, list(prompts[s:s + batch_size]), ids_list, device)
+        logp = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), dim=-1)
+        for r, (ps, a) in enumerate(zip(pos, ids_list)):
+            out.append(logp[r, ps, a].cpu())
+    return out
+
+
+def answer_logprobs(model: nn.Module, tok, prompts: list[str], answers: list[str], batch_size: int = 32) -> torch.Tensor:
+    """Log-probability of each whole answer (the sum over its tokens, teacher-forced) after its prompt: [n]."""
+    return torch.stack([t.sum() for t in answer_token_logprobs(model, tok, prompts, answers, batch_size)])
+
+
+@torch.no_grad()
+def sample_text(model: nn.Module, tok, prompt: str, n_tokens: int, top_k: int = 5,
+                generator: torch.Generator | None = None) -> str:
+    """Continue ``prompt`` by ``n_tokens`` tokens sampled from the top ``top_k`` (``top_k=1``: greedy).
+
+    Returns only the continuation. Pass a seeded ``generator`` for reproducible samples.
+    """
+    if n_tokens < 0 or top_k < 1:
+        raise ValueError(f"n_tokens must be >= 0 and top_k >= 1, got n_tokens={n_tokens}, top_k={top_k}.")
+    device = next(model.parameters()).device
+    ids = encode(tok, prompt, device)[0]["input_ids"]
+    new: list[int] = []
+    for _ in range(n_tokens):  # no key-value cache: prompts are short, and this works across versions
+        logits = model(input_ids=ids).logits[0, -1].float()
+        top = logits.topk(top_k)
+        pick = int(torch.multinomial(torch.softmax(top.values, -1).cpu(), 1, generator=generator)) if top_k > 1 else 0
+        new.append(int(top.indices[pick]))
+        ids = torch.cat([ids, top.indices[pick].view(1, 1)], dim=1)
+    return tok.decode(new)
+
+
+def generate(model: nn.Module, tok, prompt: str, n_tokens: int = 12) -> str:
+    """Greedy continuation of ``prompt``: the prompt plus ``n_tokens`` new tokens (e.g. to show an edit)."""
+    return prompt + sample_text(model, tok, prompt, n_tokens, top_k=1)
+
+
+def model_id(model: nn.Module) -> str:
+    """A short name of a loaded model for file names and settings: a local folder's name
+    (``"smollm2-135m-offline"``) or the Hub name with ``/`` as ``--`` (``"openai-community--gpt2-xl"``)."""
+    path = str(getattr(model.config, "_name_or_path", "") or "model")
+    if Path(path).is_dir() or Path(path).name == DEFAULT_MODEL:  # a converted offline model: its folder's name
+        return Path(path).name
+    return path.strip("/").replace("/", "--")
+
+
+def cache_file(model: nn.Module, kind: str, name: str) -> Path:
+    """The one place that names cached files: ``cache_dir()/kind/model_id(model)/name`` (folder created).
+
+    ``kind`` is what is cached (``"prefixes"``, ``"layer_stats"``); ``name`` says with which settings.
+    """
+    path = cache_dir() / kind / model_id(model) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

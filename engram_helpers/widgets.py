@@ -26,9 +26,10 @@ import ipywidgets as widgets
 import torch
 
 from .data import Fact
+from .query import Query
 
-TraceFn = Callable[..., Any]      # (model, tok, prompt, subject, target=..., kind=..., **kw) -> result with .plot(ax)
-EditFn = Callable[..., Any]       # (model, tok, prompt, subject, target_new, **kw) -> handle with .undo()
+TraceFn = Callable[..., Any]      # (model, tok, query, kind=..., **kw) -> result with .plot(ax)
+EditFn = Callable[..., Any]       # (model, tok, query, **kw) -> weights.WeightChange (has .undo() and .info)
 PredictFn = Callable[..., list]   # (model, tok, prompts, k=...) -> [[(token, prob), ...], ...]
 
 
@@ -112,11 +113,13 @@ def trace_summary(result) -> str:
 
 
 def edit_summary(handle) -> str:
-    """One sentence about an :class:`engram_helpers.rome.EditHandle` (empty for other objects)."""
+    """One sentence about a ROME edit's :class:`engram_helpers.weights.WeightChange` (empty for other objects)."""
     parts = []
-    if isinstance(getattr(handle, "layer", None), int):
-        parts.append(f"MLP of layer {handle.layer} edited")
-    p_new = getattr(handle, "info", {}).get("p_new") if isinstance(getattr(handle, "info", None), dict) else None
+    info = getattr(handle, "info", None)
+    info = info if isinstance(info, dict) else {}
+    if isinstance(info.get("layer"), int):
+        parts.append(f"MLP of layer {info['layer']} edited")
+    p_new = info.get("p_new")
     if isinstance(p_new, float):
         parts.append(f"p(new object) at the end of the value optimization: {p_new:.2f}")
     return ("; ".join(parts) + ".") if parts else ""
@@ -174,8 +177,7 @@ class TraceExplorer(widgets.VBox):
         self.status.value = _message(f"Tracing '{fact.prompt}' ({KINDS[kind]})…")
         try:
             if key not in self.cache:
-                self.cache[key] = self.trace_fn(self.model, self.tok, fact.prompt, fact.subject,
-                                                target=fact.target_true, kind=kind, **self.trace_kwargs)
+                self.cache[key] = self.trace_fn(self.model, self.tok, fact.query(), kind=kind, **self.trace_kwargs)
             result = self.cache[key]
             n_rows = len(getattr(result, "tokens", ()) or ())
             fig = Figure(figsize=(6.4, max(3.0, 0.32 * n_rows + 1.4)))
@@ -251,12 +253,19 @@ class EditExplorer(widgets.VBox):
         if not prompt:
             raise ValueError("The prompt is empty: type a sentence that starts the fact, e.g. "
                              "'Paris is the capital of'.")
-        if subject not in prompt:
+        if subject not in prompt and "{}" not in prompt:
             raise ValueError(f"The subject '{subject}' does not appear in the prompt '{prompt}': "
                              "write the subject into the prompt exactly as typed above.")
         if not target:
             raise ValueError("The new object is empty: type what the prompt should now lead to, e.g. 'Italy'.")
         return subject, prompt, target
+
+    def query(self) -> Query:
+        """The typed edit request as a :class:`~engram_helpers.query.Query`: the subject's first occurrence in
+        the prompt becomes the template's ``{}`` (type ``{}`` in the prompt yourself to choose another)."""
+        subject, prompt, target = self._validate()
+        template = prompt if "{}" in prompt else prompt.replace(subject, "{}", 1)
+        return Query(template, subject, target)
 
     def show_predictions(self, after: bool = False, before: list | None = None) -> list:
         """Fill the table with the current top-``k`` predictions for the prompt and the test prompts.
@@ -285,10 +294,10 @@ class EditExplorer(widgets.VBox):
         """Apply the typed edit; show predictions before and after. Returns the handle, or ``None`` on error."""
         self.apply_button.disabled = True
         try:
-            subject, prompt, target = self._validate()
+            _, prompt, target = self._validate()
             self.status.value = _message(f"Editing: '{prompt}' → '{target}'…")
             before = self.predict_fn(self.model, self.tok, self._prompts(), k=self.k)
-            handle = self.edit_fn(self.model, self.tok, prompt, subject, target, **self.edit_kwargs)
+            handle = self.edit_fn(self.model, self.tok, self.query(), **self.edit_kwargs)
             self.handles.append(handle)
             self.show_predictions(after=True, before=before)
         except Exception as err:

@@ -10,13 +10,21 @@ from engram_helpers.checks import CheckFailed
 from engram_helpers.checks import rome as checks
 from engram_helpers.hooks import trace
 from engram_helpers.models import arch, encode
+from engram_helpers.query import contexts, subject_last
 
 
-def _key_from(model, tok, prompt, subject, layer, prefixes, *, output=False, use_prefixes=True,
-              position="subject_last", reduce="mean"):
-    texts = [prompt] + ([f"{p}. {prompt}" for p in prefixes] if use_prefixes else [])
+def _key_from(model, tok, query, layer, prefixes, *, output=False, use_prefixes=True,
+              position="subject_last", reduce="mean", search=False):
+    qs = contexts(query, prefixes) if use_prefixes else [query]
+    texts = [q.prompt for q in qs]
     batch, last = encode(tok, texts)
-    pos = last if position == "last" else torch.tensor([rome.subject_last_index(tok, t, subject) for t in texts])
+    if position == "last":
+        pos = last
+    elif search:  # the old way: find the subject's first occurrence in the filled text
+        pos = torch.tensor([len(encode(tok, t[:t.find(query.subject) + len(query.subject)])[0]["input_ids"][0]) - 1
+                            for t in texts])
+    else:
+        pos = torch.tensor([subject_last(tok, q) for q in qs])
     with torch.no_grad(), trace(model, arch(model).mlp_out_name(layer), retain_input=True) as t:
         model(**batch)
     x = (t.output if output else t.input)[torch.arange(len(texts)), pos]
@@ -33,6 +41,7 @@ def test_key_check_passes_reference_and_a_hand_written_solution(default_model):
     (dict(output=True), "input"),
     (dict(use_prefixes=False), "prefix"),
     (dict(position="last"), "subject's LAST token"),
+    (dict(search=True), "searched the text"),
     (dict(reduce="sum"), "mean"),
 ])
 def test_key_check_catches_mistakes(default_model, wrong, hint):

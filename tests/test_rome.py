@@ -1,4 +1,5 @@
-"""engram_helpers.rome: the rank-one update, exact undo, the second moment C, bad input, and a real edit."""
+"""engram_helpers.rome: the rank-one update, hyperparameters as data, the key at the template's subject,
+the fast value optimization against a plain reference, and a real edit undone bit for bit."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from engram_helpers import data, rome
-from engram_helpers.models import mlp_out_weight, next_token_probs, first_token_id
+from engram_helpers import data, layer_stats, rome, weights
+from engram_helpers.hooks import trace
+from engram_helpers.models import answer_ids, arch, encode, first_token_id, mlp_out_weight, next_token_probs
+from engram_helpers.query import Query, contexts, subject_last
 
 
 def _problem(seed=0, d_out=6, d_in=9):
@@ -44,134 +48,167 @@ def test_rank_one_update_rejects_wrong_shapes():
         rome.rank_one_update(W, v, k, C)
 
 
-def test_undo_restores_weights_bit_for_bit_in_reverse_order(tiny_model):
-    torch.manual_seed(0)
-    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
-    shape = mlp_out_weight(tiny_model, 1).shape
-    h1 = rome.apply_update(tiny_model, 1, torch.randn(shape) * 0.1)
-    h2 = rome.apply_update(tiny_model, 1, torch.randn(shape) * 0.1)
-    h3 = rome.apply_update(tiny_model, 2, torch.randn(mlp_out_weight(tiny_model, 2).shape))
-    with pytest.raises(RuntimeError, match="reverse order"):
-        h1.undo()  # h2 on the same layer is still applied
-    h3.undo()
-    h2.undo()
-    h1.undo()
-    h1.undo()  # a second undo does nothing
-    for n, p in tiny_model.named_parameters():
-        assert torch.equal(p, before[n]), n
-
-
-def test_context_manager_and_undo_all(tiny_llama):
-    w0 = mlp_out_weight(tiny_llama, 0).clone()
-    delta = torch.full(w0.shape, 1e-3)
-    with rome.apply_update(tiny_llama, 0, delta):
-        assert not torch.equal(mlp_out_weight(tiny_llama, 0), w0)
-    assert torch.equal(mlp_out_weight(tiny_llama, 0), w0)
-    rome.apply_update(tiny_llama, 0, delta)
-    rome.apply_update(tiny_llama, 0, delta)
-    assert rome.undo_all(tiny_llama) == 2
-    assert torch.equal(mlp_out_weight(tiny_llama, 0), w0)
-
-
-def test_gpt2_conv1d_update_lands_in_the_weight(tiny_gpt2):
-    W = mlp_out_weight(tiny_gpt2, 0)
-    delta = torch.randn(W.shape)
+def test_weight_delta_lands_in_the_weight_and_undoes_exactly(tiny_model):
+    W = mlp_out_weight(tiny_model, 1)
     w0 = W.clone()
-    with rome.apply_update(tiny_gpt2, 0, delta):
-        assert torch.allclose(mlp_out_weight(tiny_gpt2, 0), w0 + delta)
-    assert torch.equal(mlp_out_weight(tiny_gpt2, 0), w0)
+    dW = torch.randn(W.shape, generator=torch.Generator().manual_seed(0))
+    with weights.add(tiny_model, rome.weight_delta(tiny_model, 1, dW)):  # GPT-2's Conv1D is stored transposed
+        assert torch.allclose(mlp_out_weight(tiny_model, 1), w0 + dW)
+    assert torch.equal(mlp_out_weight(tiny_model, 1), w0)
+    with pytest.raises(ValueError, match="shape"):
+        rome.weight_delta(tiny_model, 1, dW.T)
+
+
+class _Named(torch.nn.Module):
+    """A stand-in with only a config, for matching hyperparameters by name and architecture."""
+
+    def __init__(self, name: str, model_type: str, n_layers: int):
+        super().__init__()
+        self.config = type("Config", (), {"_name_or_path": name, "model_type": model_type,
+                                          "num_hidden_layers": n_layers})()
+
+
+def test_hparams_match_model_name_and_architecture():
+    for name in ("gpt2-xl", "openai-community/gpt2-xl"):
+        hp = rome.hparams_for(_Named(name, "gpt2", 48))
+        assert (hp.layer, hp.status, hp.n_prefixes) == (17, "paper", 20), name
+    smol = rome.hparams_for(_Named("/root/.cache/engram-course/models/smollm2-135m-offline", "llama", 30))
+    assert (smol.layer, smol.status) == (4, "tuned")
+    gemma = rome.hparams_for(_Named("/somewhere/gemma-3-270m-offline", "gemma3_text", 18))
+    assert gemma.status == "untuned" and 0 < gemma.layer < 18
+    # the same name on another architecture does not get the paper's settings: the depth rule applies
+    other = rome.hparams_for(_Named("gpt2-xl", "llama", 48))
+    assert other.status == "depth rule" and other.layer == round(48 * 4 / 30)
+    assert rome.hparams_for(_Named("gpt2-medium", "gpt2", 24)).status == "depth rule"
+    with pytest.raises(ValueError, match="Unknown settings"):
+        rome.with_settings(smol, layers=3)
+    assert rome.with_settings(smol, layer=6).layer == 6
+
+
+def test_prefix_containing_the_subject_does_not_move_the_key(default_model):
+    """The key is read at the template's subject, even when a context prefix mentions the subject too."""
+    model, tok = default_model
+    q = Query("The {} is located in the city of", "Eiffel Tower", "Rome")
+    prefix = "I saw the Eiffel Tower at night"
+    ctx = q.in_context(prefix)
+    text = ctx.prompt
+    ids = encode(tok, text)[0]["input_ids"][0]
+    pos = subject_last(tok, ctx)
+    assert tok.decode(ids[: pos + 1]).endswith("The Eiffel Tower") and pos > len(encode(tok, prefix)[0]["input_ids"][0])
+    # the old way, str.find on the filled text, lands in the prefix
+    old_char = text.find("Eiffel Tower") + len("Eiffel Tower")
+    old_pos = len(tok(text[:old_char], add_special_tokens=False)["input_ids"])  # + encode's prefix token - 1
+    assert old_pos < pos, "str.find would have picked the prefix's occurrence"
+    layer = 4
+    key = rome.compute_key(model, tok, q, layer, [prefix])
+    with torch.no_grad(), trace(model, arch(model).mlp_out_name(layer), retain_input=True, stop=True) as t:
+        model(**encode(tok, [q.prompt, text])[0])
+    at_template = (t.input[0, subject_last(tok, q)] + t.input[1, pos]) / 2
+    at_prefix = (t.input[0, subject_last(tok, q)] + t.input[1, old_pos]) / 2
+    assert torch.allclose(key, at_template, atol=1e-5)
+    assert not torch.allclose(key, at_prefix, atol=1e-2)
+
+
+def _reference_loss(model, tok, q, prefixes, layer, delta):
+    """The value loss's NLL and the KL prompt's log-probabilities by plain full forwards, one context at a time."""
+    tgt = answer_ids(tok, q.target)
+    nlls = []
+    for qq in contexts(q, prefixes) + [Query("{} is a", q.subject)]:
+        ids = encode(tok, qq.prompt)[0]["input_ids"][0].tolist()
+        n, s = len(ids), subject_last(tok, qq)
+        is_kl = qq.template == "{} is a"
+
+        def add(out, s=s):
+            out = out.clone()
+            out[0, s] = out[0, s] + delta
+            return out
+
+        with trace(model, arch(model).mlp_name(layer), retain_output=False, edit_output=add):
+            logits = model(input_ids=torch.tensor([ids if is_kl else ids + tgt])).logits[0].float()
+        if is_kl:
+            kl_logp = torch.log_softmax(logits[n - 1], -1)
+        else:
+            lp = torch.log_softmax(logits[n - 1:n - 1 + len(tgt)], -1)
+            nlls.append(-lp[torch.arange(len(tgt)), torch.tensor(tgt)])
+    return torch.stack(nlls).mean(), kl_logp
+
+
+def test_fast_value_optimization_matches_plain_forward_passes(default_model):
+    """compute_value reuses the positions before the subject and computes few logits: its losses must be
+    those of plain full forward passes, at delta = 0 and after one Adam step computed here independently."""
+    model, tok = default_model
+    fact = data.load_facts()[0]
+    q = fact.query(fact.target_new)
+    prefixes = ["I saw the Eiffel Tower", "Because"]  # different lengths: left padding is exercised
+    hp = rome.with_settings(rome.hparams_for(model), v_steps=2, nll_stop=-1.0)
+    key = rome.compute_key(model, tok, q, hp.layer, prefixes)
+    val = rome.compute_value(model, tok, q, key, hp, prefixes)
+    d = torch.zeros_like(val.out_init, requires_grad=True)
+    with torch.enable_grad():
+        nll0, kl0 = _reference_loss(model, tok, q, prefixes, hp.layer, d)
+        init = kl0.detach()
+        total = nll0 + hp.kl_factor * F.kl_div(init, kl0, log_target=True, reduction="sum") \
+            + hp.v_weight_decay * d.norm() / val.out_init.norm() ** 2
+        opt = torch.optim.Adam([d], lr=hp.v_lr)
+        total.backward()
+        opt.step()
+    with torch.no_grad():
+        if d.norm() > hp.clamp_factor * val.out_init.norm():
+            d.mul_(hp.clamp_factor * val.out_init.norm() / d.norm())
+        nll1, kl1 = _reference_loss(model, tok, q, prefixes, hp.layer, d)
+    assert abs(val.losses[0]["nll"] - nll0.item()) < 1e-4
+    assert abs(val.losses[1]["nll"] - nll1.item()) < 1e-3 * max(1.0, nll1.item())
+    assert abs(val.losses[1]["kl"] - F.kl_div(init, kl1, log_target=True, reduction="sum").item()) < 1e-3
 
 
 def test_bad_input_errors_clearly(default_model):
     model, tok = default_model
-    with pytest.raises(ValueError, match="'Big Ben' does not occur"):
-        rome.apply_rome(model, tok, "The Eiffel Tower is in", "Big Ben", "Rome", C="identity")
-    with pytest.raises(ValueError, match="empty"):
-        rome.apply_rome(model, tok, "The Eiffel Tower is in", "The Eiffel Tower", "   ", C="identity")
+    with pytest.raises(TypeError, match="takes a Query"):
+        rome.apply_rome(model, tok, "The Eiffel Tower is in", C="identity")
+    with pytest.raises(ValueError, match="no target"):
+        rome.apply_rome(model, tok, Query("The {} is in", "Eiffel Tower"), C="identity")
     with pytest.raises(IndexError, match="layers 0..29"):
-        rome.apply_rome(model, tok, "The Eiffel Tower is in", "The Eiffel Tower", "Rome", layer=30, C="identity")
-    with pytest.raises(ValueError, match="Unknown source"):
-        rome.second_moments(model, tok, [3], 100, source="wikipedia-offline")
-    with pytest.raises(ValueError, match="non-empty"):
-        rome.evaluate(model, tok, [])
-
-
-def test_subject_last_index_and_key_shape(default_model):
-    model, tok = default_model
-    from engram_helpers.models import encode
-
-    text = "Because it rained. The Eiffel Tower is located in"
-    i = rome.subject_last_index(tok, text, "The Eiffel Tower")
-    ids = encode(tok, text)[0]["input_ids"][0]
-    assert tok.decode(ids[: i + 1]).endswith("The Eiffel Tower")
-    k = rome.compute_key(model, tok, "The Eiffel Tower is located in", "The Eiffel Tower", 4, ["I think"])
-    assert k.shape == (mlp_out_weight(model, 4).shape[1],)
+        rome.apply_rome(model, tok, Query("The {} is in", "Eiffel Tower", "Rome"),
+                        hparams=rome.HParams(layer=30), C="identity")
+    with pytest.raises(ValueError, match="layer 3"):
+        rome.apply_rome(model, tok, Query("The {} is in", "Eiffel Tower", "Rome"), hparams=rome.HParams(layer=4),
+                        C=layer_stats.SecondMoment(torch.eye(1536), 3, 1, "bbc"))
 
 
 def test_prefixes_are_seeded_and_cached(default_model, tmp_path, monkeypatch):
     monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path))
     model, tok = default_model
     a = rome.context_prefixes(model, tok, n=2, length=4, seed=3)
-    files = list((tmp_path / "rome").glob("prefixes-*.json"))
+    files = list((tmp_path / "prefixes").rglob("*.json"))
     assert len(files) == 1
     files[0].unlink()
     assert rome.context_prefixes(model, tok, n=2, length=4, seed=3) == a  # regenerated: same text
     assert len(a) == 2 and all(a)
 
 
-def test_second_moment_is_spd_and_cached(default_model, tmp_path, monkeypatch):
-    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path))
-    model, tok = default_model
-    sm = rome.second_moments(model, tok, [3, 5], n_tokens=2500)
-    assert set(sm) == {3, 5}
-    for layer, m in sm.items():
-        assert m.n_tokens == 2500 and m.C.shape == (1536, 1536)
-        assert torch.equal(m.C, m.C.T)
-        assert m.is_spd(), f"C at layer {layer} is not positive definite"
-        assert 1 < m.cond() < 1e9
-    files = sorted(p.name for p in (tmp_path / "rome" / "second_moment").rglob("*.pt"))
-    assert files == ["bbc-2500-layer3.pt", "bbc-2500-layer5.pt"]
-    t = time.perf_counter()
-    again = rome.second_moment(model, tok, 3, n_tokens=2500)
-    assert time.perf_counter() - t < 2, "the cached C should load, not be recomputed"
-    assert torch.equal(again.C, sm[3].C)
-
-
 def test_edit_flips_a_known_fact_and_undo_is_exact(default_model):
     model, tok = default_model
     fact = data.load_facts()[0]  # The Eiffel Tower ... Paris -> Rome
     assert fact in data.known_facts(model, tok, [fact]), "the model should know the Eiffel Tower fact"
-    C = rome.second_moment(model, tok, 4, n_tokens=3000)
-    w0 = mlp_out_weight(model, 4).clone()
+    hp = rome.hparams_for(model)
+    C = layer_stats.second_moment(model, tok, hp.layer, n_tokens=3000)
+    w0 = mlp_out_weight(model, hp.layer).clone()
     cpu = time.process_time()
-    handle = rome.apply_rome(model, tok, fact.prompt, fact.subject, fact.target_new, C=C)
+    change = rome.apply_rome(model, tok, fact.query(fact.target_new), C=C)
     cpu = (time.process_time() - cpu) / max(1, torch.get_num_threads())
     try:
         # CPU seconds per thread, not wall time: other processes on a shared machine must not fail the test
-        assert cpu < 30, f"one edit took {cpu:.1f} CPU seconds per thread; it should take well under 30 s"
+        assert cpu < 15, f"one edit took {cpu:.1f} CPU seconds per thread; it should take a few seconds"
         top = int(next_token_probs(model, tok, fact.prompt).argmax())
         assert top == first_token_id(tok, fact.target_new), tok.decode([top])
-        v = handle.value
-        assert torch.allclose(mlp_out_weight(model, 4) @ handle.key, v, atol=1e-3 * v.norm())
+        v, k = change.info["value"], change.info["key"]
+        assert torch.allclose(mlp_out_weight(model, hp.layer) @ k, v, atol=1e-3 * v.norm())
+        assert set(change.info["timings"]) == {"C", "key", "value", "update", "total"}
+        assert weights.active_changes(model) == [change]
     finally:
-        handle.undo()
-    assert torch.equal(mlp_out_weight(model, 4), w0)
-    top = int(next_token_probs(model, tok, fact.prompt).argmax())
-    assert top == first_token_id(tok, fact.target_true)
-
-
-def test_evaluate_counts_and_unedited_neighbourhood(default_model):
-    model, tok = default_model
-    facts = data.known_facts(model, tok)[:2]
-    hp = rome.HParams(layer=4, n_prefixes=1)
-    for f in facts:  # specificity is measured on prompts that were not edited: other subjects
-        assert all(f.subject not in p for p in f.neighbourhood)
-    ev = rome.evaluate(model, tok, facts, hparams=hp, C="identity", methods=("identity",))
-    n_para = sum(len(f.paraphrases) for f in facts)
-    n_neigh = sum(len(f.neighbourhood) for f in facts)
-    assert ev.summary["identity"]["efficacy"][1] == len(facts)
-    assert ev.summary["identity"]["paraphrase"][1] == n_para
-    assert ev.summary["identity"]["neighbourhood"][1] == n_neigh
-    assert ev.summary["unedited"]["efficacy"][0] == 0  # known facts: the true object wins before the edit
-    assert ev.summary["identity"]["efficacy"][0] >= 1
-    assert all(r["neighbourhood_kl"] >= 0 for r in ev.rows)
+        change.undo()
+    assert torch.equal(mlp_out_weight(model, hp.layer), w0)
+    assert int(next_token_probs(model, tok, fact.prompt).argmax()) == first_token_id(tok, fact.target_true)
+    with rome.edit(model, tok, fact.query(fact.target_new), C=C):
+        assert not torch.equal(mlp_out_weight(model, hp.layer), w0)
+    assert torch.equal(mlp_out_weight(model, hp.layer), w0)

@@ -32,11 +32,11 @@ class Recorder:
         self.calls: list[tuple] = []
         self.fail = fail
 
-    def __call__(self, model, tok, prompt, subject, target=None, kind="layer", **kw):
-        self.calls.append((prompt, subject, target, kind, kw))
+    def __call__(self, model, tok, query, kind="layer", **kw):
+        self.calls.append((query.prompt, query.subject, query.target, kind, kw))
         if self.fail is not None:
             raise self.fail
-        return StandInTrace(prompt, kind)
+        return StandInTrace(query.prompt, kind)
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,17 @@ def test_edit_explorer_refuses_bad_input_with_a_message(facts):
     assert "no edit to undo" in ex.status.value
 
 
+def test_edit_explorer_builds_the_query_from_the_typed_fields(facts):
+    seen = []
+    ex = ew.edit_explorer(None, None, facts[0], edit_fn=lambda m, t, q, **k: seen.append(q),
+                          predict_fn=fake_predict)
+    ex.apply_button.click()
+    q = seen[-1]
+    assert (q.template, q.subject, q.target) == (facts[0].template, facts[0].subject, facts[0].target_new)
+    ex.prompt.value, ex.subject.value, ex.target.value = "Paris likes Paris and {} too", "Paris", "Rome"
+    assert ex.query().template == "Paris likes Paris and {} too"  # a typed {} chooses the occurrence
+
+
 def test_edit_explorer_shows_edit_function_errors(facts):
     def broken(*args, **kwargs):
         raise RuntimeError("covariance statistics missing")
@@ -150,7 +161,8 @@ def model_tok():
 def rank_one_edit(layer: int = 3):
     """A stand-in editor: a seeded rank-one update of one MLP output projection, undone from a copy."""
 
-    def edit(model, tok, prompt, subject, target_new, **kwargs):
+    def edit(model, tok, query, **kwargs):
+        assert query.prompt and query.target, "the explorer passes a Query with the new object as its target"
         w = mlp_out_weight(model, layer)
         saved = w.detach().clone()
         g = torch.Generator().manual_seed(0)

@@ -14,21 +14,27 @@ import torch
 from .. import rome
 from ..hooks import trace
 from ..models import arch, encode
-from ..tracing import subject_span
+from ..query import Query, contexts, subject_last, subject_span
 from . import CheckFailed, assert_close, passed
 
 _CASES = (
-    ("The Eiffel Tower is located in the city of", "The Eiffel Tower"),
-    ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux"),
+    Query("The {} is located in the city of", "Eiffel Tower", "Rome"),
+    Query("The mother tongue of {} is", "Danielle Darrieux", "English"),
 )
+_PREFIXES = ["I saw the Eiffel Tower at night", "I think that"]  # the first prefix contains a subject
 
 
-def _key_variants(model, tok, prompt: str, subject: str, layer: int, prefixes) -> dict[str, torch.Tensor]:
+def _key_variants(model, tok, query: Query, layer: int, prefixes) -> dict[str, torch.Tensor]:
     """Keys computed the wrong ways a reader might try, to recognise a mistake: name -> [d] tensor."""
-    texts = [prompt] + [f"{p}. {prompt}" for p in prefixes]
-    last_subj = [rome.subject_last_index(tok, t, subject) for t in texts]
+    qs = contexts(query, list(prefixes))
+    texts = [q.prompt for q in qs]
+    last_subj = [subject_last(tok, q) for q in qs]
     last_tok = (encode(tok, texts)[1]).tolist()
-    first_subj = [subject_span(tok, t, subject)[0] for t in texts]
+    first_subj = [subject_span(tok, q)[0] for q in qs]
+    found = []  # the subject searched for in the text (its first occurrence), as str.find would
+    for t in texts:
+        end = t.find(query.subject) + len(query.subject)
+        found.append(len(encode(tok, t[:end])[0]["input_ids"][0]) - 1)
     name = arch(model).mlp_out_name(layer)
     batch, _ = encode(tok, texts)
     with torch.no_grad(), trace(model, name, retain_input=True) as t:
@@ -39,6 +45,7 @@ def _key_variants(model, tok, prompt: str, subject: str, layer: int, prefixes) -
         "no_prefixes": t.input[0, last_subj[0]],
         "last_token": t.input[rows, last_tok].mean(0),
         "first_subject_token": t.input[rows, first_subj].mean(0),
+        "searched": t.input[rows, found].mean(0),
         "sum": t.input[rows, last_subj].sum(0),
     }
 
@@ -46,33 +53,34 @@ def _key_variants(model, tok, prompt: str, subject: str, layer: int, prefixes) -
 _KEY_HINTS = {
     "output": "You returned the output of the MLP's output projection ([d_model]); the key is its *input* "
               "(the MLP's hidden activation, [d_mlp]): use trace(..., retain_input=True) and t.input.",
-    "no_prefixes": "This is the key of the bare prompt only. Average over the bare prompt AND the prompt after "
-                   "each prefix (\"{prefix}. {prompt}\").",
+    "no_prefixes": "This is the key of the bare query only. Average over the query AND the query after each "
+                   "prefix: contexts(query, prefixes).",
     "last_token": "You read the prompt's last token. The key sits at the subject's LAST token: use "
-                  "rome.subject_last_index(tok, text, subject).",
+                  "subject_last(tok, q) for each context query q.",
     "first_subject_token": "You read the subject's first token; ROME uses its last token.",
-    "sum": "You summed over the prompts; take the mean.",
+    "searched": "You searched the text for the subject, and a prefix that mentions it moved the key there. Take "
+                "the position from the template's {}: subject_last(tok, q) for each q in contexts(query, prefixes).",
+    "sum": "You summed over the contexts; take the mean.",
 }
 
 
 def check_compute_key(fn: Callable, model, tok, layer: int = 3) -> None:
-    """Check ``fn(model, tok, prompt, subject, layer, prefixes) -> [d_mlp]`` against :func:`rome.compute_key`."""
-    prefixes = ["Because it was late", "I think that"]
-    for prompt, subject in _CASES:
-        expected = rome.compute_key(model, tok, prompt, subject, layer, prefixes)
-        got = fn(model, tok, prompt, subject, layer, list(prefixes))
+    """Check ``fn(model, tok, query, layer, prefixes) -> [d_mlp]`` against :func:`rome.compute_key`."""
+    for query in _CASES:
+        expected = rome.compute_key(model, tok, query, layer, _PREFIXES)
+        got = fn(model, tok, query, layer, list(_PREFIXES))
         if not isinstance(got, torch.Tensor):
             raise CheckFailed(f"compute_key returned {type(got).__name__}; return a torch.Tensor of shape [d_mlp].")
         got = got.detach().float().cpu()
         if got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
             continue
-        for wrong, value in _key_variants(model, tok, prompt, subject, layer, prefixes).items():
+        for wrong, value in _key_variants(model, tok, query, layer, _PREFIXES).items():
             if got.shape == value.shape and torch.allclose(got, value.float(), atol=1e-4, rtol=1e-4):
-                raise CheckFailed(f"compute_key({subject!r}): {_KEY_HINTS[wrong]}")
-        assert_close(got, expected, f"compute_key({subject!r}, layer {layer})",
-                     "Texts are the prompt and f\"{prefix}. {prompt}\" for each prefix. Hook "
-                     "arch(model).mlp_out_name(layer) with retain_input=True, encode all texts with models.encode, "
-                     "read each row at its subject's last token, and average.", atol=1e-4)
+                raise CheckFailed(f"compute_key({query.subject!r}): {_KEY_HINTS[wrong]}")
+        assert_close(got, expected, f"compute_key({query.subject!r}, layer {layer})",
+                     "The contexts are contexts(query, prefixes). Hook arch(model).mlp_out_name(layer) with "
+                     "retain_input=True, encode all their prompts with models.encode, read each row at "
+                     "subject_last(tok, q), and average.", atol=1e-4)
     passed("compute_key")
 
 

@@ -1,0 +1,196 @@
+"""Score edits the way CounterFact does (Meng et al. 2022), with baselines and intervals.
+
+For one edit request (subject, relation, true object o_true → new object o_new) the scores are:
+
+- **efficacy** (ES): on the edited prompt, is the new object more probable than the true one?
+- **paraphrase** (PS): the same on paraphrases of the prompt (generalization);
+- **neighbourhood** (NS): on prompts about *other* subjects with the same true object, is the true object
+  still more probable (specificity)?
+
+and the paper's magnitudes: EM = P(new) − P(true) on the edited prompt, PM the same on paraphrases, NM =
+P(true) − P(new) on neighbourhood prompts. As in the authors' code (``experiments/summarize.py``), the
+probability of an answer of several tokens is exp(−mean token NLL), each score is averaged over one
+fact's prompts and then over facts. :func:`evaluate` reports every score for the unedited model beside the
+edited one, each with a seeded bootstrap 95% interval over facts.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data, weights
+from .layer_stats import SecondMoment
+from .models import answer_token_logprobs, generate, next_token_probs
+from .rome import HParams, _as_C, _prefixes, compute_key, compute_value, hparams_for, rank_one_update, weight_delta
+
+WIN_RATES = ("efficacy", "paraphrase", "neighbourhood")
+MAGNITUDES = ("efficacy_mag", "paraphrase_mag", "neighbourhood_mag")
+METRICS = WIN_RATES + MAGNITUDES
+
+
+def split_facts(name: str, facts: Sequence[data.Fact] | None = None) -> list[data.Fact]:
+    """The facts of the ``"dev"`` (choose settings) or ``"test"`` (report results) split.
+
+    The split is part of the dataset (``Fact.split``, :func:`engram_helpers.data.facts_in_split`). Until every
+    record carries one, a seeded split by fact id stands in (every third fact to dev, stratified by relation):
+    the one place to swap when the dataset's split lands.
+    """
+    if name not in ("dev", "test"):
+        raise ValueError(f"Unknown split {name!r}: use 'dev' (to choose settings) or 'test' (to report results).")
+    facts = data.load_facts() if facts is None else list(facts)
+    if hasattr(data, "facts_in_split") and all(getattr(f, "split", "") in ("dev", "test") for f in facts):
+        return data.facts_in_split(name, facts)
+    dev: set[int] = set()
+    for rel in dict.fromkeys(f.relation for f in facts):
+        ids = sorted(f.id for f in facts if f.relation == rel)
+        random.Random(f"dev-split-{rel}").shuffle(ids)
+        dev.update(ids[: (len(ids) + 2) // 3])
+    return [f for f in facts if (f.id in dev) == (name == "dev")]
+
+
+def answer_probs(model: nn.Module, tok, prompts: Sequence[str], answer: str) -> np.ndarray:
+    """P(answer | prompt) for each prompt, as exp(−mean token NLL) like the paper's code: [n]."""
+    if not prompts:
+        return np.zeros(0)
+    lps = answer_token_logprobs(model, tok, list(prompts), [answer] * len(prompts))
+    return np.array([float(lp.mean().exp()) for lp in lps])
+
+
+def score_edit(model: nn.Module, tok, fact: data.Fact) -> dict[str, float]:
+    """The model's current scores on one fact: the three win rates (fractions of the fact's prompts) and the
+    three magnitudes (mean probability differences), keys :data:`METRICS`."""
+    prompts = [fact.prompt, *fact.paraphrases, *fact.neighbourhood]
+    p_new = answer_probs(model, tok, prompts, fact.target_new)
+    p_true = answer_probs(model, tok, prompts, fact.target_true)
+    n_para = len(fact.paraphrases)
+    parts = {"efficacy": slice(0, 1), "paraphrase": slice(1, 1 + n_para), "neighbourhood": slice(1 + n_para, None)}
+    out: dict[str, float] = {}
+    for name, sl in parts.items():
+        gain = p_new[sl] - p_true[sl] if name != "neighbourhood" else p_true[sl] - p_new[sl]
+        out[name] = float(np.mean(gain > 0)) if len(gain) else float("nan")
+        out[name + "_mag"] = float(np.mean(gain)) if len(gain) else float("nan")
+    return out
+
+
+def mean_kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Mean over rows of KL(p ‖ q) in nats, for probability rows p, q: [n, vocab]."""
+    p, q = p.double().clamp_min(1e-30), q.double().clamp_min(1e-30)
+    return float((p * (p.log() - q.log())).sum(-1).mean())
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean over ``n`` facts with its bootstrap 95% interval ``[lo, hi]``."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
+
+    def pct(self) -> str:
+        """As percentages: ``"95% [88, 100]"``."""
+        return f"{100 * self.mean:.0f}% [{100 * self.lo:.0f}, {100 * self.hi:.0f}]"
+
+
+def bootstrap(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> Estimate:
+    """Mean of ``values`` (one per fact) with a seeded percentile bootstrap 95% interval over facts."""
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    if len(x) == 0:
+        raise ValueError("No values to average: evaluate at least one fact.")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    return Estimate(float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)), len(x))
+
+
+@dataclass
+class Evaluation:
+    """Per-fact rows of :func:`evaluate` and their summaries.
+
+    ``rows``: one dict per (fact, method), methods ``"unedited"`` (before any edit), ``"rome"`` and/or
+    ``"identity"``, with the :data:`METRICS`, ``neighbourhood_kl`` (mean KL, nats, of the next-token
+    distribution on the neighbourhood prompts, unedited ‖ edited), the optimization's ``steps`` and the
+    ``seconds`` for k* and v*.
+    """
+
+    rows: list[dict]
+    seed: int = 0
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods in the rows, ``"unedited"`` first."""
+        return list(dict.fromkeys(r["method"] for r in self.rows))
+
+    def values(self, method: str, metric: str) -> np.ndarray:
+        """One value per fact of ``metric`` for ``method``: [n_facts]."""
+        return np.array([r[metric] for r in self.rows if r["method"] == method], dtype=float)
+
+    def estimate(self, method: str, metric: str) -> Estimate:
+        """Mean over facts with a seeded bootstrap 95% interval."""
+        if method not in self.methods:
+            raise ValueError(f"No rows for method {method!r}: this evaluation has {self.methods}.")
+        return bootstrap(self.values(method, metric), seed=self.seed)
+
+    def table(self, metrics: Sequence[str] = METRICS) -> str:
+        """Every method's scores as aligned text, means with [95% interval]."""
+        lines = [f"{'method':<10}" + "".join(f"{m:>24}" for m in metrics)]
+        for meth in self.methods:
+            lines.append(f"{meth:<10}" + "".join(f"{str(self.estimate(meth, m)):>24}" for m in metrics))
+        return "\n".join(lines)
+
+
+def evaluate(model: nn.Module, tok, facts: Sequence[data.Fact], hparams: HParams | None = None,
+             C: SecondMoment | torch.Tensor | str | None = None, methods: Sequence[str] = ("rome",),
+             generate_tokens: int = 0, unedited: bool = True, seed: int = 0, verbose: bool = False) -> Evaluation:
+    """Edit each fact toward its ``target_new`` one at a time, score, and undo; score the unedited model too.
+
+    ``hparams``: default :func:`~engram_helpers.rome.hparams_for` (the layer is ``hparams.layer``).
+    ``methods``: ``"rome"`` (C⁻¹-whitened update) and/or ``"identity"`` (C replaced by the identity). Both use
+    the same k* and v*, computed once per fact. ``generate_tokens`` > 0 adds a greedy continuation of the
+    edited prompt to each row. ``unedited=False`` skips the unedited model's rows (e.g. in a layer sweep,
+    where they do not change). ``seed`` seeds the bootstrap.
+    """
+    if not facts:
+        raise ValueError("No facts to evaluate: pass a non-empty list, e.g. data.known_facts(model, tok)[:20].")
+    bad = [m for m in methods if m not in ("rome", "identity")]
+    if bad:
+        raise ValueError(f"Unknown methods {bad}: use 'rome' and/or 'identity'.")
+    hp = hparams or hparams_for(model)
+    layer = hp.layer
+    Cm = _as_C(model, tok, layer, C, hp) if "rome" in methods else None
+    prefixes = _prefixes(model, tok, hp, None)
+    from .models import mlp_out_weight
+
+    W = mlp_out_weight(model, layer)
+    rows: list[dict] = []
+    for i, f in enumerate(facts):
+        base = {"fact": f.id, "subject": f.subject, "target_new": f.target_new, "layer": layer}
+        if unedited:
+            rows.append({**base, "method": "unedited", **score_edit(model, tok, f), "neighbourhood_kl": 0.0})
+        before = next_token_probs(model, tok, list(f.neighbourhood)) if f.neighbourhood else None
+        t0 = time.perf_counter()
+        q = f.query(f.target_new)
+        key = compute_key(model, tok, q, layer, prefixes)
+        val = compute_value(model, tok, q, key, hp, prefixes)
+        t_kv = time.perf_counter() - t0
+        for m in methods:
+            dW = rank_one_update(W, key, val.v, Cm if m == "rome" else None)
+            with weights.add(model, weight_delta(model, layer, dW), label=m):
+                s = score_edit(model, tok, f)
+                kl = mean_kl(before, next_token_probs(model, tok, list(f.neighbourhood))) if before is not None else 0.0
+                text = generate(model, tok, f.prompt, generate_tokens) if generate_tokens else ""
+            rows.append({**base, "method": m, **s, "neighbourhood_kl": kl, "p_new_opt": val.p_new,
+                         "steps": len(val.losses), "seconds": t_kv, "generation": text})
+        if verbose:
+            print(f"[{i + 1}/{len(facts)}] {f.subject!r} -> {f.target_new!r}: {len(val.losses)} steps, {t_kv:.1f} s")
+    return Evaluation(rows, seed)

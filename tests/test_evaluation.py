@@ -1,0 +1,71 @@
+"""engram_helpers.evaluation: CounterFact-style scores with the paper's magnitudes, intervals and splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engram_helpers import data, evaluation, rome
+from engram_helpers.models import answer_token_logprobs, mlp_out_weight
+
+
+def test_split_is_disjoint_complete_and_covers_every_relation():
+    facts = data.load_facts()
+    dev, test = evaluation.split_facts("dev", facts), evaluation.split_facts("test", facts)
+    assert not {f.id for f in dev} & {f.id for f in test}
+    assert len(dev) + len(test) == len(facts)
+    assert {f.relation for f in dev} == {f.relation for f in test} == set(data.relations(facts))
+    assert evaluation.split_facts("dev") == dev  # seeded: the same every time
+    with pytest.raises(ValueError, match="'dev'"):
+        evaluation.split_facts("train", facts)
+
+
+def test_bootstrap_interval_contains_the_mean_and_is_seeded():
+    x = np.random.default_rng(0).normal(size=50)
+    e = evaluation.bootstrap(x, seed=1)
+    assert e.lo < e.mean < e.hi and e.n == 50
+    assert e == evaluation.bootstrap(x, seed=1)
+    assert abs((e.hi - e.lo) - 2 * 1.96 * x.std() / np.sqrt(50)) < 0.2  # about the normal-theory width
+    assert evaluation.bootstrap([1.0, 1.0, 1.0]).lo == 1.0
+    with pytest.raises(ValueError, match="No values"):
+        evaluation.bootstrap([])
+
+
+def test_score_edit_follows_the_papers_definitions(default_model):
+    model, tok = default_model
+    f = data.known_facts(model, tok)[0]
+    s = evaluation.score_edit(model, tok, f)
+    prompts = [f.prompt, *f.paraphrases, *f.neighbourhood]
+
+    def p(answer):  # exp(-mean token NLL), as in the authors' experiments/summarize.py
+        return np.array([float(lp.mean().exp()) for lp in answer_token_logprobs(model, tok, prompts, [answer] * len(prompts))])
+
+    new, true = p(f.target_new), p(f.target_true)
+    n = len(f.paraphrases)
+    assert s["efficacy"] == float(new[0] > true[0])
+    assert np.isclose(s["efficacy_mag"], new[0] - true[0])
+    assert np.isclose(s["paraphrase"], np.mean(new[1:1 + n] > true[1:1 + n]))
+    assert np.isclose(s["paraphrase_mag"], np.mean(new[1:1 + n] - true[1:1 + n]))
+    assert np.isclose(s["neighbourhood_mag"], np.mean(true[1 + n:] - new[1 + n:]))
+    assert s["efficacy"] == 0.0, "a known fact: the true object wins before any edit"
+
+
+def test_evaluate_scores_unedited_and_edited_and_undoes(default_model):
+    model, tok = default_model
+    facts = data.known_facts(model, tok)[:2]
+    hp = rome.with_settings(rome.hparams_for(model), n_prefixes=1)
+    w0 = mlp_out_weight(model, hp.layer).clone()
+    ev = evaluation.evaluate(model, tok, facts, hparams=hp, C="identity", methods=("identity",))
+    assert ev.methods == ["unedited", "identity"]
+    assert torch.equal(mlp_out_weight(model, hp.layer), w0), "every edit is undone"
+    assert list(ev.values("unedited", "efficacy")) == [0.0, 0.0]
+    assert ev.values("identity", "efficacy_mag").mean() > ev.values("unedited", "efficacy_mag").mean()
+    e = ev.estimate("identity", "paraphrase_mag")
+    assert e.n == 2 and e.lo <= e.mean <= e.hi
+    assert all(r["neighbourhood_kl"] >= 0 for r in ev.rows)
+    assert "efficacy_mag" in ev.table()
+    with pytest.raises(ValueError, match="non-empty"):
+        evaluation.evaluate(model, tok, [])
+    with pytest.raises(ValueError, match="Unknown methods"):
+        evaluation.evaluate(model, tok, facts, methods=("memit",))
