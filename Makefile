@@ -68,3 +68,9 @@ student: setup
 
 clean:
 	rm -rf _build/html _build/jupyter_execute _assets notebooks/student
+
+# Linters: ruff over the library, tests, notebooks and scripts; mypy on the library (config in pyproject.toml).
+.PHONY: lint
+lint: setup
+	$(VENV)/bin/ruff check engram_helpers tests notebooks scripts benchmarks
+	$(VENV)/bin/mypy
