@@ -352,6 +352,13 @@ def hidden_extremes(model: nn.Module, tok, prompts: Sequence[str], top: int = 3)
             "position": torch.tensor(pos)}
 
 
+def output_vector(model: nn.Module, layer: int, neuron: int) -> torch.Tensor:
+    """What MLP neuron ``neuron`` of ``layer`` adds to the residual stream per unit of activation: its column of
+    the output projection, float [d_model]. ``output_vector(...).abs().topk(3)`` shows the dimensions it writes."""
+    w = _out_weight(model, layer)
+    return (w[neuron] if arch(model).out_proj_is_conv1d else w[:, neuron]).detach().clone()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Lashley in silico: contiguous regions against scattered lesions of the same size
 

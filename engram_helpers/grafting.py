@@ -352,6 +352,16 @@ def bootstrap_ci(values: torch.Tensor, n_boot: int = 2000, seed: int = 0,
     return v.mean().item(), lo, hi
 
 
+def accuracy_difference(model: nn.Module, data: Batches, a: Params | None, b: Params | None,
+                        model_b: nn.Module | None = None, seed: int = 0) -> tuple[float, float, float]:
+    """accuracy(a) − accuracy(b) on the same examples, with a paired bootstrap 95% interval over the examples:
+    ``(difference, low, high)``. ``None`` means the model's own values; ``model_b`` evaluates ``b`` on another
+    classifier (e.g. another head) over the same data. The interval covers the test sample, not the training seed.
+    """
+    diff = correct(model, data, a).double() - correct(model if model_b is None else model_b, data, b).double()
+    return bootstrap_ci(diff, seed=seed)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Grafting, masks, lesions.
 

@@ -75,6 +75,24 @@ def test_neuron_lesion_equals_zeroing_the_activation(tiny_model):
         F.lesion_neurons(tiny_model, torch.zeros(shape))
 
 
+def test_output_vector_is_what_the_neuron_adds(tiny_model):
+    """Lesioning one neuron changes the MLP output by exactly activation × its output vector."""
+    a = arch(tiny_model)
+    shape = F.mlp_shape(tiny_model)
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), trace_many(tiny_model, [a.mlp_out_name(1)], retain_input=True) as tr:
+        tiny_model(input_ids=ids)
+    x = tr[a.mlp_out_name(1)].input
+    one = torch.zeros(shape, dtype=torch.bool)
+    one[1, 3] = True
+    with torch.no_grad(), trace_many(tiny_model, [a.mlp_out_name(1)]) as full:
+        tiny_model(input_ids=ids)
+    with torch.no_grad(), F.lesion_neurons(tiny_model, one), trace_many(tiny_model, [a.mlp_out_name(1)]) as les:
+        tiny_model(input_ids=ids)
+    diff = full[a.mlp_out_name(1)].output - les[a.mlp_out_name(1)].output
+    assert torch.allclose(diff, x[..., 3:4] * F.output_vector(tiny_model, 1, 3), atol=1e-5)
+
+
 def test_random_and_top_neurons():
     n = F.random_neurons((4, 10), 13, seed=2)
     assert n.shape == (4, 10) and int(n.sum()) == 13

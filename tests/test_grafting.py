@@ -170,7 +170,7 @@ def test_sentiment_setup_runs_the_setting_on_the_real_encoder():
     a = G.sentiment_setup(setting, seed=1, encoder=enc, tok=tok)
     assert a.setting == setting and a.train.n_examples == 8 and a.test.n_examples == 16
     assert set(a.delta) == set(a.names)
-    assert all(torch.equal(a.theta_pre[n] + a.delta[n], a.theta_ft[n]) for n in a.names)
+    assert all(torch.allclose(a.theta_pre[n] + a.delta[n], a.theta_ft[n], atol=1e-6) for n in a.names)
     assert any(a.delta[n].abs().max() > 0 for n in a.names)
     now = G.snapshot(a.model, a.names)
     assert all(torch.equal(now[n], a.theta_pre[n]) for n in a.names), "the model keeps its pretrained values"
@@ -190,6 +190,9 @@ def test_bootstrap_ci_and_correct(tuned):
     assert G.bootstrap_ci(torch.ones(10)) == (1.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="at least 2"):
         G.bootstrap_ci(torch.ones(1))
+    diff, lo, hi = G.accuracy_difference(model, test, ft, None)
+    assert diff == pytest.approx(G.accuracy(model, test, ft) - G.accuracy(model, test)) and lo <= diff <= hi
+    assert G.accuracy_difference(model, test, ft, ft) == (0.0, 0.0, 0.0)
 
 
 def test_region_summary_shares(tuned):
