@@ -215,8 +215,13 @@ def test_region_lesions_breakers_and_dissociation_restore(small_llama_and_tok):
     everything = F.lesion_effect(model, tok, facts, torch.ones(shape, dtype=torch.bool))
     assert everything["drop"].shape == (6,) and everything["n_neurons"] == shape[0] * shape[1]
     scores = F.neuron_attribution(model, tok, facts)
-    found, single = F.breakers(model, tok, facts, scores, n_candidates=4, max_recall=1.0)
-    assert len(single) == 4 and int(found.sum()) == 4  # max_recall=1 counts every candidate
+    found, steps = F.breakers(model, tok, facts, scores, n_candidates=4, max_recall=1.0)
+    assert len(steps) == 1 and int(found.sum()) == 1  # max_recall=1: the best neuron alone is enough
+    assert found[steps[0]["layer"], steps[0]["neuron"]] and torch.equal(found, F.top_neurons(scores, 1))
+    none, steps = F.breakers(model, tok, facts, scores, n_candidates=3, max_recall=-1.0)
+    assert not none.any() and [r["n"] for r in steps] == [1, 2, 3]
+    single = F.single_neuron_effects(model, tok, facts, F.top_neurons(scores, 2))
+    assert len(single) == 2 and all(0 <= r["recall"] <= 1 for r in single)
     per = F.neuron_attribution(model, tok, facts, per_fact=True)
     d = F.dissociation(model, tok, facts, per, k=5, exclude=found)
     assert d.drop.shape == d.drop_random.shape == (6, 6) and not d.pairs.diagonal().any()
@@ -233,9 +238,10 @@ def test_double_dissociation_logic():
     drop = torch.tensor([[2.0, 0.5, 0.1], [0.3, 1.0, 0.1], [1.0, 1.0, 1.0]], dtype=torch.double)
     pairs = ~torch.eye(3, dtype=torch.bool)
     d = F.Dissociation(drop, drop.T.clone(), pairs, k=1, excluded=torch.zeros(1, 1, dtype=torch.bool))
-    dd = d.double()
+    dd = d.double(margin=0.0)
     assert dd[0, 1] and dd[1, 0] and not dd[0, 2] and not dd[2, 0]
-    assert d.share_double(n_boot=50)[0] == pytest.approx(2 / 6)
+    assert d.share_double(margin=0.0, n_boot=50)[0] == pytest.approx(2 / 6)
+    assert not d.double(margin=0.8)[0, 1], "fact 1's own drop (1.0) does not beat fact 0's (0.3) by 0.8"
     assert torch.allclose(d.specificity(), torch.tensor([2 - 0.3, 1 - 0.2, 0.0], dtype=torch.double))
 
 
