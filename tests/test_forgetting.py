@@ -174,7 +174,8 @@ def test_attribution_matches_finite_difference(small_llama_and_tok):
         total = 0.0
         with torch.no_grad(), trace_many(model, names, retain_output=False, edit_input=scale):
             for f in facts:
-                logp = torch.log(F.next_token_probs(model, tok, f.prompt)[0].double())
+                batch, last = F.encode(tok, [f.prompt])  # float64 all the way: a float32 softmax is too coarse
+                logp = torch.log_softmax(model(**batch).logits[0, last[0]].double(), dim=-1)
                 total += float(logp[F.first_token_id(tok, f.target_true)])
         return total
 
