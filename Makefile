@@ -107,3 +107,9 @@ SWEEP_THREADS ?= 2
 .PHONY: consolidation-sweep
 consolidation-sweep: setup
 	PYTHONPATH=$(CURDIR) $(PY) benchmarks/consolidation_sweep.py --counts $(SWEEP_COUNTS) --threads $(SWEEP_THREADS)
+
+# Linters: ruff over the library, tests, notebooks and scripts; mypy on the library (config in pyproject.toml).
+.PHONY: lint
+lint: setup
+	$(VENV)/bin/ruff check engram_helpers tests notebooks scripts benchmarks
+	$(VENV)/bin/mypy

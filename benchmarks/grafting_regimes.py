@@ -50,7 +50,8 @@ def main(seed: int = 0) -> None:
             half = G.binarize_threshold(S)
             thr = G.accuracy(model, teb, G.graft(pre, delta, half))
             gain = G.recovery(max(top, base), zs, fa)[1]
-            print(f"shots={shots:3d} {opt:5s} lr={lr:g} steps={steps:3d} | frac={frac:.2%} k={k:6d} | zero-shot {zs:.3f} "
+            print(f"shots={shots:3d} {opt:5s} lr={lr:g} steps={steps:3d} | frac={frac:.2%} k={k:6d} | "
+                  f"zero-shot {zs:.3f} "
                   f"ft {fa:.3f} base {base:.3f} trained {top:.3f} (>0.5: {thr:.3f}, size {G.mask_size(half)}) "
                   f"random {rand:.3f} | gain recovered {gain:.2f} | {time.perf_counter() - t0:.0f} s", flush=True)
 

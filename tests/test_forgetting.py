@@ -1,13 +1,13 @@
-"""Tests of engram_helpers.forgetting: lesions restore exactly, neuron lesions silence exactly the chosen
-neurons (checked against hooks), attribution matches a finite difference, and the sweep leaves the model as
-it found it."""
+"""Tests of engram_helpers.forgetting: lesions go through engram_helpers.weights and restore exactly, neuron
+lesions silence exactly the chosen neurons (checked against hooks), attribution matches a finite difference and
+its per-fact form sums to the total, and the experiments leave the model as they found it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engram_helpers import data
+from engram_helpers import data, weights
 from engram_helpers import forgetting as F
 from engram_helpers.hooks import trace_many
 from engram_helpers.models import arch
@@ -34,29 +34,21 @@ def test_random_weight_mask_exact_counts_and_seeded():
         F.random_weight_mask(params, 1.2)
 
 
-def test_lesioned_zeroes_and_restores_exactly(tiny_model):
+def test_lesion_neurons_goes_through_weights_and_stacks(tiny_model):
     saved = _weights(tiny_model)
-    name = next(n for n, p in tiny_model.named_parameters() if p.dim() == 2)
-    masks = F.random_weight_mask({name: saved[name]}, 0.3, seed=0)
-    with F.lesioned(tiny_model, masks):
-        p = dict(tiny_model.named_parameters())[name]
-        assert p[masks[name]].abs().max() == 0
-        assert torch.equal(p[~masks[name]], saved[name][~masks[name]])
+    shape = F.mlp_shape(tiny_model)
+    a, b = F.random_neurons(shape, 7, seed=0), F.random_neurons(shape, 7, seed=1)
+    first = F.lesion_neurons(tiny_model, a)
+    assert first in weights.active_changes(tiny_model) and first.info["n_neurons"] == 7
+    second = F.lesion_neurons(tiny_model, b)
+    with pytest.raises(RuntimeError, match="reverse order"):
+        first.undo()
+    second.undo()
+    first.undo()
     assert _same(tiny_model, saved)
-    with pytest.raises(RuntimeError):
-        with F.lesioned(tiny_model, masks):
-            raise RuntimeError("boom")
-    assert _same(tiny_model, saved)
-
-
-def test_lesioned_rejects_bad_masks(tiny_llama):
-    with pytest.raises(KeyError, match="named_parameters"):
-        with F.lesioned(tiny_llama, {"no.such.weight": torch.zeros(2, dtype=torch.bool)}):
-            pass
-    name, p = next(iter(tiny_llama.named_parameters()))
-    with pytest.raises(ValueError, match="bool tensor"):
-        with F.lesioned(tiny_llama, {name: torch.zeros(p.shape)}):
-            pass
+    with F.lesion_neurons(tiny_model, torch.zeros(shape, dtype=torch.bool)):
+        assert _same(tiny_model, saved)
+    assert not weights.active_changes(tiny_model)
 
 
 def test_neuron_lesion_equals_zeroing_the_activation(tiny_model):
@@ -73,12 +65,32 @@ def test_neuron_lesion_equals_zeroing_the_activation(tiny_model):
     with torch.no_grad(), trace_many(tiny_model, names, retain_output=False, edit_input=silence):
         expected = tiny_model(input_ids=ids).logits
     saved = _weights(tiny_model)
-    with torch.no_grad(), F.lesioned_neurons(tiny_model, neurons):
+    with torch.no_grad(), F.lesion_neurons(tiny_model, neurons):
         got = tiny_model(input_ids=ids).logits
     assert torch.allclose(got, expected, atol=1e-5)
     assert _same(tiny_model, saved)
     with pytest.raises(ValueError, match="layers × MLP neurons"):
-        F.neuron_masks(tiny_model, torch.zeros(2, 2, dtype=torch.bool))
+        F.neuron_mask(tiny_model, torch.zeros(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="layers × MLP neurons"):
+        F.lesion_neurons(tiny_model, torch.zeros(shape))
+
+
+def test_output_vector_is_what_the_neuron_adds(tiny_model):
+    """Lesioning one neuron changes the MLP output by exactly activation × its output vector."""
+    a = arch(tiny_model)
+    shape = F.mlp_shape(tiny_model)
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), trace_many(tiny_model, [a.mlp_out_name(1)], retain_input=True) as tr:
+        tiny_model(input_ids=ids)
+    x = tr[a.mlp_out_name(1)].input
+    one = torch.zeros(shape, dtype=torch.bool)
+    one[1, 3] = True
+    with torch.no_grad(), trace_many(tiny_model, [a.mlp_out_name(1)]) as full:
+        tiny_model(input_ids=ids)
+    with torch.no_grad(), F.lesion_neurons(tiny_model, one), trace_many(tiny_model, [a.mlp_out_name(1)]) as les:
+        tiny_model(input_ids=ids)
+    diff = full[a.mlp_out_name(1)].output - les[a.mlp_out_name(1)].output
+    assert torch.allclose(diff, x[..., 3:4] * F.output_vector(tiny_model, 1, 3), atol=1e-5)
 
 
 def test_random_and_top_neurons():
@@ -90,6 +102,38 @@ def test_random_and_top_neurons():
     assert top[3, 5:].all() and int(top.sum()) == 5
     with pytest.raises(ValueError):
         F.random_neurons((4, 10), 41)
+    exclude = torch.zeros(4, 10, dtype=torch.bool)
+    exclude[3, 8:] = True
+    top = F.top_neurons(scores, 5, exclude)
+    assert not (top & exclude).any() and top[3, 3:8].all() and int(top.sum()) == 5
+    r = F.random_neurons((4, 10), 38, seed=0, exclude=exclude)
+    assert int(r.sum()) == 38 and not (r & exclude).any()
+    with pytest.raises(ValueError):
+        F.random_neurons((4, 10), 39, exclude=exclude)
+
+
+def test_contiguous_regions_and_lashley_sizes():
+    shape = (6, 10)
+    blk = F.layer_block(shape, 2, 3)
+    assert blk[2:5].all() and int(blk.sum()) == 30
+    nb = F.neuron_block(shape, 4, 3, 5)
+    assert nb[4, 3:8].all() and int(nb.sum()) == 5
+    with pytest.raises(ValueError, match="does not fit"):
+        F.layer_block(shape, 5, 2)
+    with pytest.raises(ValueError, match="does not fit"):
+        F.neuron_block(shape, 0, 8, 5)
+    exclude = torch.zeros(shape, dtype=torch.bool)
+    exclude[0, 0] = True
+    regions = F.lashley_regions(shape, layer_widths=[1, 2], n_locations=3, block_width=4, block_layers=[0, 5],
+                                seeds=[0, 1], exclude=exclude)
+    kinds = {r["kind"] for r in regions}
+    assert kinds == {"layer block", "neuron block", "scattered (layer block)", "scattered (neuron block)"}
+    assert [r["start"] for r in regions if r["kind"] == "layer block" and r["size"] == 2] == [0, 2, 4]
+    assert not any((r["neurons"] & exclude).any() for r in regions)
+    # every contiguous lesion has scattered twins of exactly the same size
+    sizes = {int(r["neurons"].sum()) for r in regions if not r["kind"].startswith("scattered")}
+    for k in sizes:
+        assert sum(1 for r in regions if r["kind"].startswith("scattered") and int(r["neurons"].sum()) == k) == 2
 
 
 def test_token_rank():
@@ -130,7 +174,8 @@ def test_attribution_matches_finite_difference(small_llama_and_tok):
         total = 0.0
         with torch.no_grad(), trace_many(model, names, retain_output=False, edit_input=scale):
             for f in facts:
-                logp = torch.log(F.next_token_probs(model, tok, f.prompt)[0].double())
+                batch, last = F.encode(tok, [f.prompt])  # float64 all the way: a float32 softmax is too coarse
+                logp = torch.log_softmax(model(**batch).logits[0, last[0]].double(), dim=-1)
                 total += float(logp[F.first_token_id(tok, f.target_true)])
         return total
 
@@ -140,18 +185,65 @@ def test_attribution_matches_finite_difference(small_llama_and_tok):
         assert abs(fd - float(scores[layer].sum())) < 1e-3 * max(1.0, abs(fd)), (layer, fd, float(scores[layer].sum()))
 
 
-def test_lesion_sweep_shapes_and_restores(small_llama_and_tok):
+def test_target_logprobs_match_next_token_probs(small_llama_and_tok):
     model, tok = small_llama_and_tok
-    facts = data.load_facts()[:4]
+    facts = data.load_facts()[:5]
+    logp, top1 = F.target_logprobs(model, tok, facts, batch_size=2)
+    probs = F.next_token_probs(model, tok, [f.prompt for f in facts])
+    ids = torch.tensor([F.first_token_id(tok, f.target_true) for f in facts])
+    assert torch.allclose(logp, probs.gather(1, ids[:, None]).squeeze(1).double().log(), atol=1e-5)
+    assert torch.equal(top1, probs.argmax(-1) == ids)
+
+
+def test_per_fact_attribution_sums_to_the_total(small_llama_and_tok):
+    model, tok = small_llama_and_tok
+    facts = data.load_facts()[:5]
+    per = F.neuron_attribution(model, tok, facts, batch_size=2, per_fact=True)
+    assert per.shape == (5, *F.mlp_shape(model))
+    assert torch.allclose(per.sum(0), F.neuron_attribution(model, tok, facts), atol=1e-5)
+    alone = F.neuron_attribution(model, tok, facts[3:4])
+    assert torch.allclose(per[3], alone, atol=1e-5), "a fact's scores do not depend on its batch"
+
+
+def test_region_lesions_breakers_and_dissociation_restore(small_llama_and_tok):
+    model, tok = small_llama_and_tok
+    facts = data.load_facts()[:6]
     saved = _weights(model)
+    shape = F.mlp_shape(model)
+    regions = F.lashley_regions(shape, [1], 2, 12, [1], seeds=[0])
+    rows = F.region_lesions(model, tok, facts, regions)
+    assert len(rows) == len(regions) and all(0 <= r["recall"] <= 1 and "neurons" not in r for r in rows)
+    everything = F.lesion_effect(model, tok, facts, torch.ones(shape, dtype=torch.bool))
+    assert everything["drop"].shape == (6,) and everything["n_neurons"] == shape[0] * shape[1]
     scores = F.neuron_attribution(model, tok, facts)
-    sweep = F.lesion_sweep(model, tok, {"a": facts[:2], "b": facts[2:]}, scores, [0.1, 0.5], seeds=[0, 1])
-    assert sweep["k"] == [round(0.1 * 144), round(0.5 * 144)]
-    assert sweep["engram"]["a"].shape == (2,) and sweep["random"]["b"].shape == (2, 2)
-    assert all(((v >= 0) & (v <= 1)).all() for v in [*sweep["engram"].values(), *sweep["random"].values()])
-    assert _same(model, saved)
-    with pytest.raises(ValueError, match="at least one"):
-        F.lesion_sweep(model, tok, {"a": facts}, scores, [1e-6])
+    found, steps = F.breakers(model, tok, facts, scores, n_candidates=4, max_recall=1.0)
+    assert len(steps) == 1 and int(found.sum()) == 1  # max_recall=1: the best neuron alone is enough
+    assert found[steps[0]["layer"], steps[0]["neuron"]] and torch.equal(found, F.top_neurons(scores, 1))
+    none, steps = F.breakers(model, tok, facts, scores, n_candidates=3, max_recall=-1.0)
+    assert not none.any() and [r["n"] for r in steps] == [1, 2, 3]
+    single = F.single_neuron_effects(model, tok, facts, F.top_neurons(scores, 2))
+    assert len(single) == 2 and all(0 <= r["recall"] <= 1 for r in single)
+    per = F.neuron_attribution(model, tok, facts, per_fact=True)
+    d = F.dissociation(model, tok, facts, per, k=5, exclude=found)
+    assert d.drop.shape == d.drop_random.shape == (6, 6) and not d.pairs.diagonal().any()
+    share, lo, hi = d.share_double()
+    assert 0 <= lo <= share <= hi <= 1
+    assert d.specificity().shape == (6,)
+    with pytest.raises(ValueError, match="per_fact=True"):
+        F.dissociation(model, tok, facts[:3], per, k=5)
+    assert _same(model, saved) and not weights.active_changes(model)
+
+
+def test_double_dissociation_logic():
+    """A hand-made drop matrix: facts 0 and 1 dissociate, fact 2's set hurts everyone alike."""
+    drop = torch.tensor([[2.0, 0.5, 0.1], [0.3, 1.0, 0.1], [1.0, 1.0, 1.0]], dtype=torch.double)
+    pairs = ~torch.eye(3, dtype=torch.bool)
+    d = F.Dissociation(drop, drop.T.clone(), pairs, k=1, excluded=torch.zeros(1, 1, dtype=torch.bool))
+    dd = d.double(margin=0.0)
+    assert dd[0, 1] and dd[1, 0] and not dd[0, 2] and not dd[2, 0]
+    assert d.share_double(margin=0.0, n_boot=50)[0] == pytest.approx(2 / 6)
+    assert not d.double(margin=0.8)[0, 1], "fact 1's own drop (1.0) does not beat fact 0's (0.3) by 0.8"
+    assert torch.allclose(d.specificity(), torch.tensor([2 - 0.3, 1 - 0.2, 0.0], dtype=torch.double))
 
 
 # --- the real default model -------------------------------------------------------------------------------
@@ -178,6 +270,6 @@ def test_silencing_every_mlp_neuron_destroys_recall_and_text(default_model):
             " consultation with businesses and unions."]
     intact = F.next_token_accuracy(model, tok, text)
     shape = F.mlp_shape(model)
-    with F.lesioned_neurons(model, torch.ones(shape, dtype=torch.bool)):
+    with F.lesion_neurons(model, torch.ones(shape, dtype=torch.bool)):
         assert F.recall(model, tok, known) <= 0.25
         assert F.next_token_accuracy(model, tok, text) < intact

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel
 
 from engram_helpers import grafting as G
 from engram_helpers import textdata as T
+from engram_helpers import weights
 
 
 def tiny_classifier(seed: int = 0) -> G.CosineClassifier:
@@ -140,11 +143,56 @@ def test_frozen_region_does_not_move(tuned):
     assert any(not torch.equal(out[n], ft[n]) for n in names)
 
 
-def test_swapped_restores(tuned):
-    model, names, pre, ft, *_ = tuned
-    with G.swapped(model, ft):
-        assert torch.equal(dict(model.named_parameters())[names[0]], ft[names[0]])
-    assert torch.equal(dict(model.named_parameters())[names[0]], pre[names[0]])
+def test_set_values_writes_a_graft_into_the_model_and_restores(tuned):
+    """Writing a graft into the model (e.g. for generate) goes through weights.set_values and restores exactly."""
+    model, names, pre, ft, delta, _, test = tuned
+    region = G.base_patch(delta, 40)
+    grafted = G.graft(pre, delta, region)
+    with weights.set_values(model, grafted, label="graft"):
+        assert torch.equal(dict(model.named_parameters())[names[0]], grafted[names[0]])
+        assert G.accuracy(model, test) == G.accuracy(model, test, grafted)
+    assert all(torch.equal(dict(model.named_parameters())[n], pre[n]) for n in names)
+
+
+def test_few_shot_setting_is_the_one_source():
+    s = G.FewShot()
+    assert (s.shots, s.steps, s.lr) == (64, 64, 0.01)
+    with pytest.raises(Exception):
+        s.lr = 0.05  # frozen: a notebook cannot change the shared setting in place
+    assert dataclasses.replace(s, n_test=50).lr == 0.01
+    with pytest.raises(ValueError, match="lr > 0"):
+        G.FewShot(lr=0.0)
+
+
+def test_sentiment_setup_runs_the_setting_on_the_real_encoder():
+    enc, tok = G.load_encoder()
+    setting = G.FewShot(shots=4, n_test=8, steps=2, batch_size=4)
+    a = G.sentiment_setup(setting, seed=1, encoder=enc, tok=tok)
+    assert a.setting == setting and a.train.n_examples == 8 and a.test.n_examples == 16
+    assert set(a.delta) == set(a.names)
+    assert all(torch.allclose(a.theta_pre[n] + a.delta[n], a.theta_ft[n], atol=1e-6) for n in a.names)
+    assert any(a.delta[n].abs().max() > 0 for n in a.names)
+    now = G.snapshot(a.model, a.names)
+    assert all(torch.equal(now[n], a.theta_pre[n]) for n in a.names), "the model keeps its pretrained values"
+    b = G.sentiment_setup(setting, seed=1, encoder=enc, tok=tok)
+    assert all(torch.equal(a.delta[n], b.delta[n]) for n in a.names), "seeded"
+    with pytest.raises(ValueError, match="both"):
+        G.sentiment_setup(setting, encoder=enc)
+
+
+def test_bootstrap_ci_and_correct(tuned):
+    model, names, pre, ft, delta, _, test = tuned
+    c = G.correct(model, test, ft)
+    assert c.dtype == torch.bool and c.double().mean().item() == pytest.approx(G.accuracy(model, test, ft))
+    mean, lo, hi = G.bootstrap_ci(c.double())
+    assert lo <= mean <= hi and 0 < hi - lo < 0.2
+    assert G.bootstrap_ci(c.double(), seed=3) == G.bootstrap_ci(c.double(), seed=3)
+    assert G.bootstrap_ci(torch.ones(10)) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        G.bootstrap_ci(torch.ones(1))
+    diff, lo, hi = G.accuracy_difference(model, test, ft, None)
+    assert diff == pytest.approx(G.accuracy(model, test, ft) - G.accuracy(model, test)) and lo <= diff <= hi
+    assert G.accuracy_difference(model, test, ft, ft) == (0.0, 0.0, 0.0)
 
 
 def test_region_summary_shares(tuned):

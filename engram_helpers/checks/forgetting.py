@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import forgetting as ref
+from .. import weights
 from . import CheckFailed, assert_close, passed
 
 
@@ -59,7 +60,8 @@ def _tiny() -> nn.Module:
 
 
 def check_lesioned(fn) -> None:
-    """``fn(model, masks)`` is a context manager: masked entries are 0 inside, every value exact afterwards."""
+    """``fn(model, masks)`` is a context manager: masked entries are 0 inside, every value exact afterwards
+    (what ``weights.zero_where`` does)."""
     model = _tiny()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     masks = ref.random_weight_mask({"0.weight": before["0.weight"], "2.bias": before["2.bias"]}, 0.4, seed=3)
@@ -70,10 +72,12 @@ def check_lesioned(fn) -> None:
             if named[n][m].abs().max() != 0:
                 raise CheckFailed(f"Inside the block, the masked entries of {n!r} are not zero.")
             if not torch.equal(named[n][~m], before[n][~m]):
-                raise CheckFailed(f"Inside the block, entries of {n!r} outside the mask changed: touch only masked ones.")
+                raise CheckFailed(f"Inside the block, entries of {n!r} outside the mask changed: "
+                                  f"touch only masked ones.")
         if not torch.equal(named["0.bias"], before["0.bias"]):
             raise CheckFailed("A parameter without a mask changed inside the block.")
-        with ref.lesioned(_tiny(), masks) as twin:
+        twin = _tiny()
+        with weights.zero_where(twin, masks):
             assert_close(model(x), twin(x), "model output inside the block", "Zero exactly the masked entries.")
     for n, p in model.named_parameters():
         if not torch.equal(p, before[n]):
