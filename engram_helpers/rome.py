@@ -36,7 +36,7 @@ from torch import nn
 from . import models
 from .hooks import trace, trace_many
 from .models import DEFAULT_MODEL, answer_ids, arch, encode, mlp_out_weight, next_token_probs
-from .tracing import subject_span
+from .query import Query, subject_span
 
 # ----------------------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -112,7 +112,7 @@ def subject_last_index(tokenizer, text: str, subject: str) -> int:
 
     Raises ValueError, naming the subject and the prompt, if the subject is absent.
     """
-    return subject_span(tokenizer, text, subject)[1] - 1
+    return subject_span(tokenizer, Query(text.replace(subject, "{}", 1), subject))[1] - 1
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ import torch
 
 from .data import Fact
 
-TraceFn = Callable[..., Any]      # (model, tok, prompt, subject, target=..., kind=..., **kw) -> result with .plot(ax)
+TraceFn = Callable[..., Any]      # (model, tok, query, kind=..., **kw) -> result with .plot(ax)
 EditFn = Callable[..., Any]       # (model, tok, prompt, subject, target_new, **kw) -> handle with .undo()
 PredictFn = Callable[..., list]   # (model, tok, prompts, k=...) -> [[(token, prob), ...], ...]
 
@@ -174,8 +174,7 @@ class TraceExplorer(widgets.VBox):
         self.status.value = _message(f"Tracing '{fact.prompt}' ({KINDS[kind]})…")
         try:
             if key not in self.cache:
-                self.cache[key] = self.trace_fn(self.model, self.tok, fact.prompt, fact.subject,
-                                                target=fact.target_true, kind=kind, **self.trace_kwargs)
+                self.cache[key] = self.trace_fn(self.model, self.tok, fact.query(), kind=kind, **self.trace_kwargs)
             result = self.cache[key]
             n_rows = len(getattr(result, "tokens", ()) or ())
             fig = Figure(figsize=(6.4, max(3.0, 0.32 * n_rows + 1.4)))

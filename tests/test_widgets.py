@@ -32,11 +32,11 @@ class Recorder:
         self.calls: list[tuple] = []
         self.fail = fail
 
-    def __call__(self, model, tok, prompt, subject, target=None, kind="layer", **kw):
-        self.calls.append((prompt, subject, target, kind, kw))
+    def __call__(self, model, tok, query, kind="layer", **kw):
+        self.calls.append((query.prompt, query.subject, query.target, kind, kw))
         if self.fail is not None:
             raise self.fail
-        return StandInTrace(prompt, kind)
+        return StandInTrace(query.prompt, kind)
 
 
 @pytest.fixture(scope="module")
