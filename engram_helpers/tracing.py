@@ -286,11 +286,11 @@ def average_effects(results: list[TraceResult], share: bool = False, n_boot: int
         raise ValueError(f"Average traces of one kind and one model only (got kinds {kinds}, layers {layers}).")
     per_cat: list[list[np.ndarray]] = [[] for _ in CATEGORIES]
     for r in results:
-        values = r.shares if share else r.effects
+        per_token = r.shares if share else r.effects
         cats = token_categories(r.subject_span, len(r.tokens))
         for i, name in enumerate(CATEGORIES):
             if cats[name]:
-                per_cat[i].append(values[cats[name]].mean(axis=0))
+                per_cat[i].append(per_token[cats[name]].mean(axis=0))
     n_layers = layers.pop()
     mean = np.full((len(CATEGORIES), n_layers), np.nan)
     low, high = mean.copy(), mean.copy()
@@ -422,7 +422,7 @@ def _restored_probs(model, names: list[str], p: _Prepared, clean: torch.Tensor, 
     rows_of = {r: torch.arange(block[r] * n, block[r] * n + n) for r in order}
 
     def n_blocks_before(layer: int) -> int:                  # blocks that exist at the input of `layer`
-        return 1 + sum(1 for r in order if (join[r] <= layer if kind != "layer" else join[r] <= layer))
+        return 1 + sum(1 for r in order if join[r] <= layer)
 
     noise = _noise_from(p, t)
 

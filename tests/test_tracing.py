@@ -10,8 +10,8 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from engram_helpers import tracing
+from engram_helpers.models import _converted_dir, load_model, next_token_probs
 from engram_helpers.query import Query
-from engram_helpers.models import _converted_dir, encode, load_model, next_token_probs
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +245,7 @@ def test_bootstrap_interval_is_seeded_and_covers_the_mean():
     low, high = tracing.bootstrap_mean(values, n_boot=500, seed=1)
     low2, high2 = tracing.bootstrap_mean(values, n_boot=500, seed=1)
     np.testing.assert_array_equal(low, low2)
+    np.testing.assert_array_equal(high, high2)
     mean, se = values.mean(axis=0), values.std(axis=0, ddof=1) / np.sqrt(200)
     assert np.all(low < mean) and np.all(mean < high)
     np.testing.assert_allclose(high - low, 2 * 1.96 * se, rtol=0.2)  # close to the normal interval
