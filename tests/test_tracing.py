@@ -284,3 +284,18 @@ def test_real_model_restores_clean_probability_and_corruption_hurts():
     table = model.get_input_embeddings().weight  # SmolLM2 does not scale: module output = table rows
     ids = [i for f in ["France", "Eiffel Tower"] for i in tok(" " + f, add_special_tokens=False)["input_ids"]]
     assert tracing.embedding_std(model, tok, ["France", "Eiffel Tower"]) == pytest.approx(float(table[ids].std()), rel=1e-6)
+
+
+def test_spread_over_relations_is_seeded_and_round_robin():
+    from engram_helpers.data import load_facts, relations, spread_over_relations
+
+    facts = load_facts()
+    rels = relations(facts)
+    chosen = spread_over_relations(facts, 2 * len(rels), seed=0)
+    assert len(chosen) == 2 * len(rels) and len(set(chosen)) == len(chosen)
+    assert [f.relation for f in chosen] == rels + rels  # one per relation, in turn
+    assert spread_over_relations(facts, 2 * len(rels), seed=0) == chosen
+    assert spread_over_relations(facts, 2 * len(rels), seed=1) != chosen
+    assert set(spread_over_relations(facts, 10_000)) == set(facts)  # asking for more gives all of them
+    with pytest.raises(ValueError):
+        spread_over_relations(facts, 0)
