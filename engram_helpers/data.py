@@ -93,3 +93,17 @@ def known_facts(model, tokenizer, facts: list[Fact] | None = None) -> list[Fact]
     """The facts whose true object's first token is the model's top-1 prediction after the prompt."""
     facts = load_facts() if facts is None else facts
     return [f for f, known in zip(facts, is_known(model, tokenizer, facts)) if known]
+
+
+def spread_over_relations(facts: list[Fact], n: int, seed: int = 0) -> list[Fact]:
+    """``n`` of ``facts`` spread over their relations: a seeded shuffle within each relation, then one fact
+    from each relation in turn (round-robin) until ``n`` are taken or none are left."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1 (got {n}).")
+    gen = torch.Generator().manual_seed(seed)
+    groups = [[f for f in facts if f.relation == r] for r in relations(facts)]
+    groups = [[g[i] for i in torch.randperm(len(g), generator=gen).tolist()] for g in groups]
+    chosen: list[Fact] = []
+    for i in range(max((len(g) for g in groups), default=0)):
+        chosen += [g[i] for g in groups if i < len(g)]
+    return chosen[:n]

@@ -44,7 +44,8 @@ def trace_heatmap(result, ax=None):
 
 def effect_lines(avg, ax=None):
     """Lines of an :class:`engram_helpers.tracing.AverageEffects`: average indirect effect by layer, one
-    line per token category, 95% intervals shaded."""
+    line per token category (n facts in the legend), bootstrap 95% intervals shaded, N in the title.
+    ``avg.share``: the y-axis is the share of each fact's total effect."""
     ax = _axes(ax, (6.4, 3.6))
     layers = np.arange(avg.mean.shape[1])
     for i, name in enumerate(avg.categories):
@@ -54,7 +55,8 @@ def effect_lines(avg, ax=None):
         ax.fill_between(layers, avg.low[i], avg.high[i], color=line.get_color(), alpha=0.15)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel(KIND_STYLE[avg.kind][1].format(w=avg.window))
-    ax.set_ylabel("average indirect effect")
-    ax.set_title(f"Average indirect effect of {KIND_NAME[avg.kind]}", fontsize=10)
+    ax.set_ylabel("share of the total effect" if avg.share else "average indirect effect")
+    ax.set_title(f"{KIND_NAME[avg.kind].capitalize()}: average over N = {avg.n_facts} facts (95% bootstrap)",
+                 fontsize=10)
     ax.legend(fontsize=7)
     return ax

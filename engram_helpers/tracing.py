@@ -1,6 +1,6 @@
 """Causal tracing (Meng et al. 2022): where in a model does a fact come back?
 
-Three runs of one prompt:
+Three runs of one :class:`~engram_helpers.query.Query`:
 
 1. **clean**: the prompt as it is; the model gives the answer with probability ``p_clean``;
 2. **corrupted**: Gaussian noise is added to the subject's token embeddings, so the model can no longer
@@ -9,27 +9,34 @@ Three runs of one prompt:
    of the residual stream, or MLP / attention outputs over a window of layers) is overwritten with its
    value from the clean run. If the answer's probability comes back, that state carries the fact.
 
-The *indirect effect* of a state is ``p_restored - p_corrupt``. All patching goes through
-:func:`engram_helpers.hooks.trace_many`; module names come from :func:`engram_helpers.models.arch`.
+The *indirect effect* of a state is ``p_restored - p_corrupt``; the *total effect* of the corruption is
+``p_clean - p_corrupt``. All patching goes through :mod:`engram_helpers.hooks`; module names come from
+:func:`engram_helpers.models.arch`.
 
-:func:`trace_fact` batches many restorations into one forward pass, runs the clean pass once, skips
-tokens before the subject (the noise cannot reach them, so restoring them changes nothing), runs the
-layers below a restoration once per noise sample instead of once per restoration, and computes logits at
-the last position only. :func:`trace_fact_plain` is the paper's plain loop (one forward pass
-per location, clean row included), kept as the reference for tests and the benchmark.
+:func:`trace_fact` computes only what a restoration can change. A restoration at token ``t`` changes
+nothing at the positions before ``t`` (attention only looks back), so their keys and values are taken
+from the corrupted run (a key/value cache), and only the positions from ``t`` on are computed; and
+nothing changes below the restoration's first layer, so the rows of all restorations at one token run
+together as one corrupted run up to there and are split off layer by layer (the batch grows inside the
+forward pass). Logits are computed at the last position only. :func:`trace_fact_plain` is the paper's
+plain loop (one forward pass over the whole prompt per location, clean row included), kept as the
+reference for tests and the benchmark.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from .hooks import trace, trace_many
-from .models import arch, bos_prefix, encode, first_token_id
+from .hooks import get_module, trace, trace_many
+from .models import arch, encode, first_token_id
+from .query import Query, subject_span
 
 KINDS = ("layer", "mlp", "attn")
 """What is restored: the residual stream after a layer, the MLP outputs, the attention outputs."""
@@ -46,32 +53,7 @@ CATEGORIES = (
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Where the subject is, how much noise, what is restored.
-
-
-def subject_span(tokenizer, prompt: str, subject: str) -> tuple[int, int]:
-    """Token positions ``[start, end)`` of ``subject`` in ``models.encode(tokenizer, prompt)``.
-
-    Found from character offsets, so a tokenizer that merges the leading space into the subject's first
-    token (``" France"``) gives the same span as one that does not. The positions count the prefix token
-    that :func:`engram_helpers.models.encode` prepends. The first occurrence of the subject is used.
-    """
-    if not subject or not subject.strip():
-        raise ValueError(f"The subject is empty: give the words of the prompt that name it, e.g. 'France'.")
-    char_start = prompt.find(subject)
-    if char_start < 0:
-        raise ValueError(
-            f"The subject {subject!r} does not occur in the prompt {prompt!r}. Give the subject exactly as it "
-            f"is written in the prompt (same capitals and spelling)."
-        )
-    prefix = bos_prefix(tokenizer)
-    char_start += len(prefix)
-    char_end = char_start + len(subject)
-    enc = tokenizer(prefix + prompt, add_special_tokens=False, return_offsets_mapping=True)
-    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < char_end and b > char_start and b > a]
-    if not inside:
-        raise ValueError(f"The subject {subject!r} covers no token of the prompt {prompt!r}.")
-    return inside[0], inside[-1] + 1
+# How much noise, what is restored, where.
 
 
 def layer_window(center: int, n_layers: int, window: int) -> list[int]:
@@ -87,11 +69,14 @@ def layer_window(center: int, n_layers: int, window: int) -> list[int]:
     return list(range(max(0, center - window // 2), min(n_layers, center + math.ceil(window / 2))))
 
 
-def embedding_std(model: nn.Module, tokenizer, subjects: list[str] | None = None) -> float:
-    """Standard deviation of the subjects' token embeddings (all subjects' tokens, all dimensions).
+@torch.no_grad()
+def embedding_std(model: nn.Module, tok, subjects: list[str] | None = None) -> float:
+    """Standard deviation of what the embedding module outputs for the subjects' tokens (all tokens, all
+    dimensions).
 
-    ``subjects`` defaults to the subjects of the facts dataset. Each subject is tokenized as it follows a
-    space, as inside a prompt.
+    Measured on the module's output, not its weight table, so a model that scales its embeddings inside
+    the module (Gemma multiplies by sqrt(d_model)) gets noise on the scale of what its layers read.
+    ``subjects`` defaults to the subjects of the facts dataset; each is tokenized as it follows a space.
     """
     if subjects is None:
         from .data import load_facts
@@ -99,14 +84,15 @@ def embedding_std(model: nn.Module, tokenizer, subjects: list[str] | None = None
         subjects = list(dict.fromkeys(f.subject for f in load_facts()))
     if not subjects:
         raise ValueError("embedding_std needs at least one subject.")
-    ids = [i for s in subjects for i in tokenizer(" " + s, add_special_tokens=False)["input_ids"]]
-    table = model.get_input_embeddings().weight
-    return float(table[torch.tensor(ids, device=table.device)].float().std())
+    ids = [i for s in subjects for i in tok(" " + s, add_special_tokens=False)["input_ids"]]
+    embed = get_module(model, arch(model).embed)
+    device = next(model.parameters()).device
+    return float(embed(torch.tensor([ids], device=device)).float().std())
 
 
-def noise_level(model: nn.Module, tokenizer, factor: float = 3.0, subjects: list[str] | None = None) -> float:
+def noise_level(model: nn.Module, tok, factor: float = 3.0, subjects: list[str] | None = None) -> float:
     """The noise's standard deviation: ``factor`` × :func:`embedding_std` (the paper uses 3)."""
-    return factor * embedding_std(model, tokenizer, subjects)
+    return factor * embedding_std(model, tok, subjects)
 
 
 def make_noise(n_samples: int, span: tuple[int, int], d_model: int, std: float, seed: int = 0) -> torch.Tensor:
@@ -191,6 +177,19 @@ class TraceResult:
         return self.scores - self.corrupted_prob
 
     @property
+    def total_effect(self) -> float:
+        """What the corruption took away: ``clean_prob - corrupted_prob``."""
+        return self.clean_prob - self.corrupted_prob
+
+    @property
+    def shares(self) -> np.ndarray:
+        """Indirect effects as a share of the total effect, [n_tokens, n_layers] (1 = all of it restored)."""
+        if self.total_effect <= 0:
+            raise ValueError(f"The corruption did not lower p({self.target}) for {self.prompt!r} (total effect "
+                             f"{self.total_effect:.3g}): shares of it are undefined. Trace facts the model knows.")
+        return self.effects / self.total_effect
+
+    @property
     def n_layers(self) -> int:
         return self.scores.shape[1]
 
@@ -213,10 +212,11 @@ class TraceResult:
 
 @dataclass
 class AverageEffects:
-    """Average indirect effect by token category and layer over many traces of one kind.
+    """Average indirect effect by token category and layer over many traces (facts) of one kind.
 
-    ``mean``, ``low``, ``high``: [n_categories, n_layers] (mean and 95% interval, normal approximation);
-    ``counts``: [n_categories], how many traces had tokens in each category.
+    ``mean``, ``low``, ``high``: [n_categories, n_layers]: the mean over facts and its seeded bootstrap 95%
+    interval (facts resampled with replacement); ``counts``: [n_categories], how many facts had tokens in
+    each category. ``share=True``: each fact's effects were divided by its total effect first.
     """
 
     mean: np.ndarray
@@ -225,6 +225,8 @@ class AverageEffects:
     counts: np.ndarray
     kind: str
     window: int = 1
+    share: bool = False
+    n_facts: int = 0
     categories: tuple[str, ...] = field(default=CATEGORIES)
 
     def peak(self) -> tuple[str, int, float]:
@@ -234,20 +236,47 @@ class AverageEffects:
 
     def curve(self, category: str) -> np.ndarray:
         """Average indirect effect by layer for one category: [n_layers]."""
-        return self.mean[self.categories.index(category)]
+        return self.mean[self._index(category)]
+
+    def interval(self, category: str, layer: int) -> tuple[float, float]:
+        """The 95% interval of one category at one layer."""
+        i = self._index(category)
+        return float(self.low[i, layer]), float(self.high[i, layer])
+
+    def _index(self, category: str) -> int:
+        if category not in self.categories:
+            raise ValueError(f"Unknown category {category!r}: use one of {list(self.categories)}.")
+        return self.categories.index(category)
 
     def plot(self, ax=None):
-        """One line per category, with shaded 95% intervals."""
+        """One line per category, with shaded 95% intervals and N in the legend and title."""
         from .plots import effect_lines
 
         return effect_lines(self, ax=ax)
 
 
-def average_effects(results: list[TraceResult]) -> AverageEffects:
+def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap 95% interval of the mean over the first axis: values [n, ...] -> (low, high) [...].
+
+    The rows are resampled with replacement ``n_boot`` times with a seeded generator. One row gives the
+    row itself as both ends.
+    """
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        raise ValueError("bootstrap_mean needs at least one value.")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
+    means = values[idx].mean(axis=1)
+    return np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
+
+
+def average_effects(results: list[TraceResult], share: bool = False, n_boot: int = 1000,
+                    seed: int = 0) -> AverageEffects:
     """Average the indirect effects of many traces (same kind, same number of layers) by token category.
 
     For each trace, a category's effect is the mean over its positions; categories a trace lacks are left
-    out of that category's average. Intervals: mean ± 1.96 standard errors.
+    out of that category's average. ``share=True`` divides each trace's effects by its total effect
+    (``clean_prob - corrupted_prob``) first. Intervals: seeded percentile bootstrap over the traces.
     """
     if not results:
         raise ValueError("average_effects needs at least one TraceResult.")
@@ -257,21 +286,21 @@ def average_effects(results: list[TraceResult]) -> AverageEffects:
         raise ValueError(f"Average traces of one kind and one model only (got kinds {kinds}, layers {layers}).")
     per_cat: list[list[np.ndarray]] = [[] for _ in CATEGORIES]
     for r in results:
+        per_token = r.shares if share else r.effects
         cats = token_categories(r.subject_span, len(r.tokens))
         for i, name in enumerate(CATEGORIES):
             if cats[name]:
-                per_cat[i].append(r.effects[cats[name]].mean(axis=0))
+                per_cat[i].append(per_token[cats[name]].mean(axis=0))
     n_layers = layers.pop()
     mean = np.full((len(CATEGORIES), n_layers), np.nan)
-    half = np.zeros_like(mean)
+    low, high = mean.copy(), mean.copy()
     counts = np.array([len(v) for v in per_cat])
     for i, values in enumerate(per_cat):
         if values:
             v = np.stack(values)
             mean[i] = v.mean(axis=0)
-            if len(v) > 1:
-                half[i] = 1.96 * v.std(axis=0, ddof=1) / np.sqrt(len(v))
-    return AverageEffects(mean, mean - half, mean + half, counts, kinds.pop(), results[0].window)
+            low[i], high[i] = bootstrap_mean(v, n_boot, seed)
+    return AverageEffects(mean, low, high, counts, kinds.pop(), results[0].window, share, len(results))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,7 +321,7 @@ def _last_logits(model: nn.Module, batch: dict, last: int) -> torch.Tensor:
 
 @dataclass
 class _Prepared:
-    batch: dict
+    input_ids: torch.Tensor      # [1, seq]
     last: int
     span: tuple[int, int]
     tokens: list[str]
@@ -304,130 +333,188 @@ class _Prepared:
 
 
 @torch.no_grad()
-def _prepare(model, tokenizer, prompt, subject, target, noise_std, n_samples, seed) -> _Prepared:
-    device = next(model.parameters()).device
-    batch, last = encode(tokenizer, prompt, device)
-    span = subject_span(tokenizer, prompt, subject)
-    probs = torch.softmax(_last_logits(model, batch, int(last[0]))[0].float(), dim=-1)
-    if target is None:
-        target_id = int(probs.argmax())
-        target = tokenizer.decode([target_id]).strip()
-    else:
-        target_id = first_token_id(tokenizer, target)
+def _prepare(model, tok, query: Query, noise_std, n_samples, seed) -> _Prepared:
+    if not isinstance(query, Query):
+        raise TypeError(f"Tracing takes a Query (e.g. fact.query() or Query('The {{}} is in', 'Eiffel Tower')), "
+                        f"got {type(query).__name__}.")
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1 (got {n_samples}); the paper uses 10.")
-    std = noise_level(model, tokenizer) if noise_std is None else float(noise_std)
+    device = next(model.parameters()).device
+    batch, last = encode(tok, query.prompt, device)
+    span = subject_span(tok, query)
+    probs = torch.softmax(_last_logits(model, batch, int(last[0]))[0].float(), dim=-1)
+    if query.target is None:
+        target_id = int(probs.argmax())
+        target = tok.decode([target_id]).strip()
+    else:
+        target, target_id = query.target, first_token_id(tok, query.target)
+    std = noise_level(model, tok) if noise_std is None else float(noise_std)
     d_model = model.get_input_embeddings().weight.shape[1]
     noise = make_noise(n_samples, span, d_model, std, seed).to(device)
-    tokens = [tokenizer.decode([int(i)]) for i in batch["input_ids"][0]]
-    return _Prepared(batch, int(last[0]), span, tokens, target, target_id, float(probs[target_id]), noise, std)
+    tokens = [tok.decode([int(i)]) for i in batch["input_ids"][0]]
+    return _Prepared(batch["input_ids"], int(last[0]), span, tokens, target, target_id, float(probs[target_id]),
+                     noise, std)
+
+
+def _noise_from(p: _Prepared, start: int) -> torch.Tensor:
+    """The noise of the subject positions from ``start`` on, for an input that begins at ``start``:
+    [n, seq - start, d] (zero outside the subject)."""
+    n, _, d = p.noise.shape
+    out = torch.zeros(n, p.input_ids.shape[1] - start, d, dtype=p.noise.dtype, device=p.noise.device)
+    lo = max(start, p.span[0])
+    if lo < p.span[1]:
+        out[:, lo - start:p.span[1] - start] = p.noise[:, lo - p.span[0]:]
+    return out
 
 
 @torch.no_grad()
-def _corrupted_prob(model, p: _Prepared) -> float:
-    """Probability of the target with the subject corrupted and nothing restored (mean over noise)."""
-    n = p.noise.shape[0]
-    batch = {k: v.expand(n, -1) for k, v in p.batch.items()}
-    with trace(model, arch(model).embed, retain_output=False,
-               edit_output=lambda e: corrupt_embeddings(e, p.span, p.noise)):
-        logits = _last_logits(model, batch, p.last)
-    return float(torch.softmax(logits.float(), dim=-1)[:, p.target_id].mean())
+def _corrupted_run(model, p: _Prepared):
+    """The corrupted run, one row per noise sample, keeping every layer's keys and values.
 
-
-@torch.no_grad()
-def _restored_probs(model, names: list[str], p: _Prepared, clean: torch.Tensor, toks: torch.Tensor,
-                    centres: torch.Tensor, first: int, window: int) -> torch.Tensor:
-    """Target probability for R restorations (token ``toks[r]``, window centred at ``centres[r]``), all of
-    whose windows start at layer ``first``; mean over the noise samples. [R]
-
-    The corrupted run has n rows (one per noise sample) until the residual stream enters layer ``first``;
-    there it is repeated to R × n rows (row ``r * n + s``: restoration r, sample s).
+    Returns ``(probs [n], cache)``: the target's probability per noise sample and the run's
+    ``DynamicCache``.
     """
-    n, n_layers, n_restore = p.noise.shape[0], len(names), len(toks)
-    device = p.noise.device
-    in_window = torch.zeros(n_restore, n_layers, dtype=torch.bool)
-    for r, c in enumerate(centres.tolist()):
-        in_window[r, layer_window(c, n_layers, window)] = True
+    from transformers import DynamicCache
+
     a = arch(model)
-    widen_at = a.embed if first == 0 else a.layer_name(first - 1)
+    noise = _noise_from(p, 0)
+    cache = DynamicCache(config=model.config)
+    # The noise is added at the first layer's input with the batch widened there, so that the attention
+    # mask and positions are built for one row and broadcast over all rows (see _restored_probs).
+    with trace(model, a.layer_name(0), retain_output=False, edit_input=lambda x: x + noise.to(x.dtype)):
+        hidden = model.base_model(input_ids=p.input_ids, cache=cache, use_cache=True).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[:, p.last])
+    return torch.softmax(logits.float(), dim=-1)[:, p.target_id], cache
+
+
+@torch.no_grad()
+def corrupted_probs(model: nn.Module, tok, query: Query, noise_std: float | None = None, n_samples: int = 10,
+                    seed: int = 0) -> torch.Tensor:
+    """The answer's probability with the subject corrupted and nothing restored, per noise sample: [n_samples].
+
+    Same noise as :func:`trace_fact` with the same ``noise_std``, ``n_samples`` and ``seed``; its mean is
+    :attr:`TraceResult.corrupted_prob`.
+    """
+    p = _prepare(model, tok, query, noise_std, n_samples, seed)
+    return _corrupted_run(model, p)[0].cpu()
+
+
+@torch.no_grad()
+def _restored_probs(model, names: list[str], p: _Prepared, clean: torch.Tensor, cache, t: int,
+                    windows: list[list[int]], kind: str) -> torch.Tensor:
+    """Target probability for restorations at token ``t``, one per window of layers; mean over the noise
+    samples. [len(windows)]
+
+    Only positions ``t..`` are computed; the keys and values of the positions before ``t`` come from the
+    corrupted run's ``cache``. The batch starts as the n corrupted rows (block 0, one row per noise sample)
+    and each restoration's block of n rows is split off from block 0 where it first differs: at its first
+    restored layer's input (``"mlp"``, ``"attn"``), or at its restored layer's output (``"layer"``).
+    """
+    from transformers import DynamicCache
+
+    a = arch(model)
+    n, n_layers = p.noise.shape[0], len(names)
+    # Where each restoration joins: before layer j (j = its first layer), or for "layer" after layer c,
+    # i.e. before layer c + 1. Blocks are ordered by joining point.
+    join = [w[-1] + 1 if kind == "layer" else w[0] for w in windows]
+    order = sorted(range(len(windows)), key=lambda r: join[r])
+    block = {r: i + 1 for i, r in enumerate(order)}          # block 0: the plain corrupted rows
+    rows_of = {r: torch.arange(block[r] * n, block[r] * n + n) for r in order}
+
+    def n_blocks_before(layer: int) -> int:                  # blocks that exist at the input of `layer`
+        return 1 + sum(1 for r in order if join[r] <= layer)
+
+    noise = _noise_from(p, t)
+
+    def widen(x: torch.Tensor, joining: list[int]) -> torch.Tensor:
+        return torch.cat([x, x[:n].repeat(len(joining), 1, 1)]) if joining else x
+
+    def at_input_of_first_layer(x: torch.Tensor) -> torch.Tensor:
+        x = x + noise.to(x.dtype)
+        return widen(x, [r for r in order if kind != "layer" and join[r] == 0])
 
     def edit(out: torch.Tensor, name: str) -> torch.Tensor:
-        if name == a.embed:
-            out = corrupt_embeddings(out, p.span, p.noise)
-        if name == widen_at:
-            out = out.repeat(n_restore, 1, 1)
+        if name in layer_index:                               # a decoder layer's output: blocks join here
+            out = widen(out, [r for r in order if join[r] == layer_index[name] + 1 and kind != "layer"])
         if name in names:
-            r = in_window[:, names.index(name)].nonzero().reshape(-1)
-            if len(r):
-                rows = (r[:, None] * n + torch.arange(n)).reshape(-1).to(device)
-                pos = toks[r].repeat_interleave(n).to(device)
-                out = restore_state(out, clean[names.index(name)], rows, pos)
+            l = names.index(name)
+            if kind == "layer":
+                out = widen(out, [r for r in order if join[r] == l + 1])
+            here = [r for r in order if l in windows[r]]
+            if here:
+                rows = torch.cat([rows_of[r] for r in here]).to(out.device)
+                out = restore_state(out, clean[l, t:], rows, torch.zeros_like(rows))
         return out
 
-    hooked = list(dict.fromkeys([a.embed, widen_at, *names]))
-    # No attention mask: one prompt without padding, so every layer's mask and positions broadcast over the
-    # batch, which is widened inside the forward pass.
-    with trace_many(model, hooked, retain_output=False, edit_output=edit):
-        logits = _last_logits(model, {"input_ids": p.batch["input_ids"].expand(n, -1)}, p.last)
-    return torch.softmax(logits.float(), dim=-1)[:, p.target_id].reshape(n_restore, n).mean(dim=1).cpu()
+    layer_names = a.names("layer")
+    layer_index = {name: i for i, name in enumerate(layer_names)}
+    hooked = list(dict.fromkeys([*layer_names, *names]))
+    cache_in = None
+    if t > 0:
+        cache_in = DynamicCache(config=model.config)
+        for l, layer in enumerate(cache.layers[:n_layers]):
+            k = n_blocks_before(l)
+            cache_in.layers[l].update(layer.keys[:, :, :t].repeat(k, 1, 1, 1), layer.values[:, :, :t].repeat(k, 1, 1, 1))
+    with ExitStack() as stack:
+        stack.enter_context(trace(model, layer_names[0], retain_output=False, edit_input=at_input_of_first_layer))
+        stack.enter_context(trace_many(model, hooked, retain_output=False, edit_output=edit))
+        hidden = model.base_model(input_ids=p.input_ids[:, t:], cache=cache_in, use_cache=cache_in is not None
+                                  ).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[n:, -1])
+    probs = torch.softmax(logits.float(), dim=-1)[:, p.target_id].reshape(len(order), n).mean(dim=1).cpu()
+    out = torch.empty(len(windows))
+    out[torch.tensor(order)] = probs
+    return out
 
 
 @torch.no_grad()
 def trace_fact(
     model: nn.Module,
-    tokenizer,
-    prompt: str,
-    subject: str,
-    target: str | None = None,
+    tok,
+    query: Query,
     kind: str = "layer",
     noise_std: float | None = None,
     n_samples: int = 10,
     window: int = 10,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int = 1024,
 ) -> TraceResult:
-    """Causal trace of one prompt: restore each (token, layer) in turn; see the module docstring.
+    """Causal trace of one query: restore each (token, layer) in turn; see the module docstring.
 
-    ``target``: the answer (its first token is scored); ``None`` takes the model's own top prediction.
+    ``query.target``: the answer (its first token is scored); ``None`` takes the model's own top prediction.
     ``kind``: ``"layer"`` (residual stream, one layer), ``"mlp"`` or ``"attn"`` (``window`` layers).
     ``noise_std``: default :func:`noise_level` (3 × the subjects' embedding std). Noise samples are shared
-    by all restorations and fixed by ``seed``. ``batch_size`` rows (restorations × samples) per pass.
+    by all restorations and fixed by ``seed``. At most ``batch_size`` rows (restorations × samples) per pass.
     """
     names = _module_names(model, kind)
-    p = _prepare(model, tokenizer, prompt, subject, target, noise_std, n_samples, seed)
+    p = _prepare(model, tok, query, noise_std, n_samples, seed)
     n_layers, n_tokens, n = len(names), len(p.tokens), n_samples
     win = 1 if kind == "layer" else window
-    corrupted_prob = _corrupted_prob(model, p)
+    probs, cache = _corrupted_run(model, p)
+    corrupted_prob = float(probs.mean())
 
     # The clean run, once: every hooked module's output at every token. [n_layers, seq, d]
     with trace_many(model, names) as clean_rec:
-        model.base_model(**p.batch)
+        model.base_model(input_ids=p.input_ids)
     clean = torch.stack([clean_rec[m].output[0] for m in names])
 
-    # Restorations that can matter: tokens from the subject's first token on, every (window) centre.
-    # Restorations whose window starts at the same layer share the corrupted run below that layer: it runs
-    # once per noise sample, and the batch is widened to (restorations × samples) rows only there.
-    groups: dict[int, list[int]] = {}
-    for c in range(n_layers):
-        groups.setdefault(layer_window(c, n_layers, win)[0], []).append(c)
+    # Tokens before the subject: the noise cannot reach them, restoring them changes nothing.
     scores = torch.full((n_tokens, n_layers), corrupted_prob)
-    per_pass = max(1, batch_size // n)
-    for first, centres in groups.items():
-        pairs = [(t, c) for c in centres for t in range(p.span[0], n_tokens)]
-        for start in range(0, len(pairs), per_pass):
-            toks, cents = (torch.tensor(x) for x in zip(*pairs[start:start + per_pass]))
-            scores[toks, cents] = _restored_probs(model, names, p, clean, toks, cents, first, win)
+    windows = [layer_window(c, n_layers, win) for c in range(n_layers)]
+    per_pass = max(1, batch_size // n - 1)
+    for t in range(p.span[0], n_tokens):
+        for start in range(0, n_layers, per_pass):
+            centres = list(range(start, min(n_layers, start + per_pass)))
+            scores[t, centres] = _restored_probs(model, names, p, clean, cache, t, [windows[c] for c in centres], kind)
     return TraceResult(scores.numpy(), p.clean_prob, corrupted_prob, p.tokens, p.span, kind, p.target,
-                       prompt, win, p.std, n_samples)
+                       query.prompt, win, p.std, n_samples)
 
 
 @torch.no_grad()
 def trace_fact_plain(
     model: nn.Module,
-    tokenizer,
-    prompt: str,
-    subject: str,
-    target: str | None = None,
+    tok,
+    query: Query,
     kind: str = "layer",
     noise_std: float | None = None,
     n_samples: int = 10,
@@ -440,10 +527,10 @@ def trace_fact_plain(
     arguments and same noise as :func:`trace_fact`, so both give the same scores; this one is slower.
     """
     names = _module_names(model, kind)
-    p = _prepare(model, tokenizer, prompt, subject, target, noise_std, n_samples, seed)
+    p = _prepare(model, tok, query, noise_std, n_samples, seed)
     n_layers, n_tokens, n = len(names), len(p.tokens), n_samples
     win = 1 if kind == "layer" else window
-    batch = {k: v.expand(n + 1, -1) for k, v in p.batch.items()}
+    batch = {"input_ids": p.input_ids.expand(n + 1, -1)}
     noise = torch.cat([torch.zeros_like(p.noise[:1]), p.noise])  # row 0 stays clean
 
     def run(restore: dict[str, int]) -> float:
@@ -466,11 +553,54 @@ def trace_fact_plain(
     for t in range(n_tokens):
         for c in range(n_layers):
             scores[t, c] = run({names[l]: t for l in layer_window(c, n_layers, win)})
-    return TraceResult(scores, p.clean_prob, corrupted_prob, p.tokens, p.span, kind, p.target, prompt, win,
-                       p.std, n_samples)
+    return TraceResult(scores, p.clean_prob, corrupted_prob, p.tokens, p.span, kind, p.target, query.prompt,
+                       win, p.std, n_samples)
 
 
-def trace_all(model: nn.Module, tokenizer, prompt: str, subject: str, target: str | None = None,
-              kinds: tuple[str, ...] = KINDS, **kwargs) -> dict[str, TraceResult]:
+def trace_all(model: nn.Module, tok, query: Query, kinds: tuple[str, ...] = KINDS, **kw) -> dict[str, TraceResult]:
     """:func:`trace_fact` for each kind (default all three): ``{kind: TraceResult}``."""
-    return {k: trace_fact(model, tokenizer, prompt, subject, target=target, kind=k, **kwargs) for k in kinds}
+    return {k: trace_fact(model, tok, query, kind=k, **kw) for k in kinds}
+
+
+@dataclass
+class FactTraces:
+    """Traces of many queries: ``results[kind]`` is one :class:`TraceResult` per query, in order."""
+
+    queries: list[Query]
+    results: dict[str, list[TraceResult]]
+    seconds: float = 0.0
+
+    def average(self, kind: str, share: bool = True, n_boot: int = 1000, seed: int = 0) -> AverageEffects:
+        """:func:`average_effects` of one kind (default: as shares of each fact's total effect)."""
+        if kind not in self.results:
+            raise ValueError(f"Kind {kind!r} was not traced: traced kinds are {list(self.results)}.")
+        return average_effects(self.results[kind], share=share, n_boot=n_boot, seed=seed)
+
+    def averages(self, share: bool = True, n_boot: int = 1000, seed: int = 0) -> dict[str, AverageEffects]:
+        """:meth:`average` for every traced kind."""
+        return {k: self.average(k, share, n_boot, seed) for k in self.results}
+
+    def total_effects(self) -> np.ndarray:
+        """Each query's total effect ``clean_prob - corrupted_prob`` (from the first kind's traces): [n]."""
+        first = next(iter(self.results.values()))
+        return np.array([r.total_effect for r in first])
+
+
+def trace_facts(model: nn.Module, tok, queries: list[Query], kinds: tuple[str, ...] = KINDS,
+                progress: bool = True, **kw) -> FactTraces:
+    """:func:`trace_all` for each query, with a progress line per query; ``kw`` go to :func:`trace_fact`.
+
+    The same noise settings and seed are used for every query.
+    """
+    if not queries:
+        raise ValueError("trace_facts needs at least one query (e.g. [f.query() for f in facts]).")
+    results: dict[str, list[TraceResult]] = {k: [] for k in kinds}
+    start = time.perf_counter()
+    for i, q in enumerate(queries):
+        for k, r in trace_all(model, tok, q, kinds=kinds, **kw).items():
+            results[k].append(r)
+        if progress:
+            print(f"\r{i + 1}/{len(queries)} traced ({time.perf_counter() - start:.0f} s)", end="", flush=True)
+    if progress:
+        print()
+    return FactTraces(list(queries), results, time.perf_counter() - start)

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from engram_helpers import tracing
-from engram_helpers.models import _converted_dir, encode, load_model, next_token_probs
+from engram_helpers.models import _converted_dir, load_model, next_token_probs
+from engram_helpers.query import Query
 
 
 @pytest.fixture(scope="module")
@@ -39,35 +40,7 @@ def tiny_gpt2(tok):
 
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "Eiffel Tower"
-
-
-# ------------------------------------------------------------------------------------------ subject span
-
-def test_subject_span_matches_the_subject_tokens(tok):
-    batch, _ = encode(tok, PROMPT)
-    start, end = tracing.subject_span(tok, PROMPT, SUBJECT)
-    assert start >= 1  # position 0 is the <|endoftext|> prefix
-    assert tok.decode(batch["input_ids"][0, start:end]).strip() == SUBJECT
-
-
-@pytest.mark.parametrize("prompt, subject", [
-    ("Big Ben is located in the city of", "Big Ben"),          # subject first: no leading space
-    ("The capital of France is", "France"),                    # the space is merged into " France"
-    ("Lionel Messi is a professional", "Messi"),               # a part of a word sequence
-])
-def test_subject_span_with_and_without_leading_space(tok, prompt, subject):
-    batch, _ = encode(tok, prompt)
-    start, end = tracing.subject_span(tok, prompt, subject)
-    assert tok.decode(batch["input_ids"][0, start:end]).strip() == subject
-    assert end - start >= 1
-
-
-def test_subject_not_in_prompt_raises(tok):
-    with pytest.raises(ValueError) as err:
-        tracing.subject_span(tok, "The capital of France is", "Germany")
-    assert "Germany" in str(err.value) and "The capital of France is" in str(err.value)
-    with pytest.raises(ValueError, match="empty"):
-        tracing.subject_span(tok, "The capital of France is", " ")
+QUERY = Query("The {} is located in the city of", SUBJECT, "Paris")
 
 
 # ------------------------------------------------------------------------------------------ windows
@@ -125,8 +98,9 @@ def test_average_effects_groups_by_category():
     np.testing.assert_allclose(avg.mean[cat["further tokens"]], np.full(3, np.nan))    # neither has any
     np.testing.assert_allclose(avg.mean[cat["last token"]], (a[5] + b[3]) / 2)
     assert list(avg.counts) == [2, 1, 2, 2, 0, 2]
-    half = 1.96 * np.std([a[1], b[2]], axis=0, ddof=1) / np.sqrt(2)
-    np.testing.assert_allclose(avg.high[0] - avg.mean[0], half)
+    # bootstrap over two facts: the interval runs from the smaller to the larger fact's value
+    np.testing.assert_allclose(avg.low[0], np.minimum(a[1], b[2]))
+    np.testing.assert_allclose(avg.high[0], np.maximum(a[1], b[2]))
     name, layer, value = avg.peak()
     assert value == np.nanmax(avg.mean) and name in tracing.CATEGORIES and 0 <= layer < 3
 
@@ -153,24 +127,42 @@ def test_corrupt_embeddings_only_touches_the_span():
 @pytest.mark.parametrize("kind", tracing.KINDS)
 def test_fast_trace_equals_the_plain_loop(tiny, tok, kind):
     kw = dict(kind=kind, noise_std=0.5, n_samples=3, window=3, seed=1)
-    fast = tracing.trace_fact(tiny, tok, PROMPT, SUBJECT, target="Paris", batch_size=7, **kw)
-    plain = tracing.trace_fact_plain(tiny, tok, PROMPT, SUBJECT, target="Paris", **kw)
+    fast = tracing.trace_fact(tiny, tok, QUERY, batch_size=7, **kw)
+    plain = tracing.trace_fact_plain(tiny, tok, QUERY, **kw)
     np.testing.assert_allclose(fast.scores, plain.scores, rtol=1e-4, atol=1e-7)
     assert fast.corrupted_prob == pytest.approx(plain.corrupted_prob, rel=1e-5)
     assert fast.scores.shape == (len(fast.tokens), 5) and fast.window == (1 if kind == "layer" else 3)
+    assert fast.target == plain.target == "Paris"
 
 
 @pytest.mark.parametrize("kind", tracing.KINDS)
 def test_fast_trace_equals_the_plain_loop_on_gpt2(tiny_gpt2, tok, kind):
-    kw = dict(kind=kind, noise_std=0.5, n_samples=2, window=2, seed=0, target="Paris")
-    fast = tracing.trace_fact(tiny_gpt2, tok, PROMPT, SUBJECT, batch_size=9, **kw)
-    plain = tracing.trace_fact_plain(tiny_gpt2, tok, PROMPT, SUBJECT, **kw)
+    kw = dict(kind=kind, noise_std=0.5, n_samples=2, window=2, seed=0)
+    fast = tracing.trace_fact(tiny_gpt2, tok, QUERY, batch_size=9, **kw)
+    plain = tracing.trace_fact_plain(tiny_gpt2, tok, QUERY, **kw)
     np.testing.assert_allclose(fast.scores, plain.scores, rtol=1e-4, atol=1e-7)
     assert fast.scores.shape == (len(fast.tokens), 4)
 
 
+def test_fast_trace_equals_the_plain_loop_with_subject_first(tiny, tok):
+    """A subject at position 1 right after the prefix token, and a one-token answer position."""
+    q = Query("{} is located in the city of", "Big Ben", "London")
+    kw = dict(kind="mlp", noise_std=0.7, n_samples=2, window=4, seed=2)
+    fast = tracing.trace_fact(tiny, tok, q, **kw)
+    plain = tracing.trace_fact_plain(tiny, tok, q, **kw)
+    np.testing.assert_allclose(fast.scores, plain.scores, rtol=1e-4, atol=1e-7)
+
+
+def test_corrupted_probs_match_the_trace(tiny, tok):
+    kw = dict(noise_std=0.8, n_samples=4, seed=5)
+    probs = tracing.corrupted_probs(tiny, tok, QUERY, **kw)
+    r = tracing.trace_fact(tiny, tok, QUERY, kind="layer", **kw)
+    assert probs.shape == (4,) and len(set(probs.tolist())) == 4  # one probability per noise sample
+    assert float(probs.mean()) == pytest.approx(r.corrupted_prob, rel=1e-6)
+
+
 def test_restoring_the_last_state_gives_the_clean_probability(tiny, tok):
-    r = tracing.trace_fact(tiny, tok, PROMPT, SUBJECT, kind="layer", noise_std=1.0, n_samples=4)
+    r = tracing.trace_fact(tiny, tok, QUERY.with_target(None), kind="layer", noise_std=1.0, n_samples=4)
     clean = next_token_probs(tiny, tok, PROMPT)[0]
     assert r.target == tok.decode([int(clean.argmax())]).strip()  # target=None: the model's own prediction
     assert r.clean_prob == pytest.approx(float(clean.max()), rel=1e-5)
@@ -182,20 +174,22 @@ def test_restoring_the_last_state_gives_the_clean_probability(tiny, tok):
 
 def test_seeded_and_batch_size_independent(tiny, tok):
     kw = dict(kind="attn", noise_std=1.0, n_samples=3, window=2)
-    a = tracing.trace_fact(tiny, tok, PROMPT, SUBJECT, seed=3, batch_size=5, **kw)
-    b = tracing.trace_fact(tiny, tok, PROMPT, SUBJECT, seed=3, batch_size=500, **kw)
-    c = tracing.trace_fact(tiny, tok, PROMPT, SUBJECT, seed=4, **kw)
+    a = tracing.trace_fact(tiny, tok, QUERY, seed=3, batch_size=5, **kw)
+    b = tracing.trace_fact(tiny, tok, QUERY, seed=3, batch_size=500, **kw)
+    c = tracing.trace_fact(tiny, tok, QUERY, seed=4, **kw)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-8)
     assert not np.allclose(a.scores, c.scores)
 
 
 def test_bad_arguments(tiny, tok):
     with pytest.raises(ValueError, match="kind"):
-        tracing.trace_fact(tiny, tok, PROMPT, SUBJECT, kind="residual")
-    with pytest.raises(ValueError, match="Germany"):
-        tracing.trace_fact(tiny, tok, PROMPT, "Germany")
+        tracing.trace_fact(tiny, tok, QUERY, kind="residual")
+    with pytest.raises(TypeError, match="Query"):
+        tracing.trace_fact(tiny, tok, PROMPT, kind="layer")
     with pytest.raises(ValueError, match="n_samples"):
-        tracing.trace_fact(tiny, tok, PROMPT, SUBJECT, n_samples=0, noise_std=1.0)
+        tracing.trace_fact(tiny, tok, QUERY, n_samples=0, noise_std=1.0)
+    with pytest.raises(ValueError, match="query"):
+        tracing.trace_facts(tiny, tok, [])
 
 
 def test_noise_level_is_three_embedding_stds(tiny, tok):
@@ -205,23 +199,103 @@ def test_noise_level_is_three_embedding_stds(tiny, tok):
     assert tracing.noise_level(tiny, tok, subjects=["France", "Eiffel Tower"]) == pytest.approx(3 * std)
 
 
-def test_plot_methods(tiny, tok):
+class ScaledEmbedding(torch.nn.Embedding):
+    """An embedding that multiplies its output by sqrt(d_model) inside the module, as Gemma's does."""
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embedding_dim ** 0.5
+
+
+def test_embedding_std_measures_what_the_embedding_module_outputs(tok):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    table_std = tracing.embedding_std(model, tok, ["France"])
+    scaled = ScaledEmbedding(len(tok), 16)
+    scaled.weight.data.copy_(model.model.embed_tokens.weight)
+    model.model.embed_tokens = scaled
+    assert tracing.embedding_std(model, tok, ["France"]) == pytest.approx(4.0 * table_std, rel=1e-5)
+
+
+def _fixed(effects: np.ndarray, span, clean: float, corrupted: float) -> tracing.TraceResult:
+    return tracing.TraceResult(effects + corrupted, clean, corrupted, [f"t{i}" for i in range(effects.shape[0])],
+                               span, "layer", "x")
+
+
+def test_shares_divide_by_each_facts_total_effect():
+    # Two facts whose restorations bring back exactly half of their (different) total effects.
+    a = _fixed(np.full((4, 3), 0.4), (1, 2), clean=0.9, corrupted=0.1)
+    b = _fixed(np.full((4, 3), 0.05), (1, 2), clean=0.3, corrupted=0.2)
+    assert a.total_effect == pytest.approx(0.8) and b.total_effect == pytest.approx(0.1)
+    np.testing.assert_allclose(a.shares, 0.5)
+    np.testing.assert_allclose(b.shares, 0.5)
+    avg = tracing.average_effects([a, b], share=True)
+    np.testing.assert_allclose(avg.mean[np.isfinite(avg.mean)], 0.5)
+    assert avg.share and avg.n_facts == 2
+    raw = tracing.average_effects([a, b])
+    np.testing.assert_allclose(raw.curve("last token"), 0.225)
+    with pytest.raises(ValueError, match="total effect"):
+        _ = _fixed(np.zeros((4, 3)), (1, 2), clean=0.1, corrupted=0.2).shares
+
+
+def test_bootstrap_interval_is_seeded_and_covers_the_mean():
+    rng = np.random.default_rng(0)
+    values = rng.normal(1.0, 1.0, size=(200, 2))
+    low, high = tracing.bootstrap_mean(values, n_boot=500, seed=1)
+    low2, high2 = tracing.bootstrap_mean(values, n_boot=500, seed=1)
+    np.testing.assert_array_equal(low, low2)
+    np.testing.assert_array_equal(high, high2)
+    mean, se = values.mean(axis=0), values.std(axis=0, ddof=1) / np.sqrt(200)
+    assert np.all(low < mean) and np.all(mean < high)
+    np.testing.assert_allclose(high - low, 2 * 1.96 * se, rtol=0.2)  # close to the normal interval
+    one_low, one_high = tracing.bootstrap_mean(values[:1])
+    np.testing.assert_array_equal(one_low, values[0])
+    np.testing.assert_array_equal(one_high, values[0])
+
+
+def test_trace_facts_and_plots(tiny, tok, capsys):
     import matplotlib
     matplotlib.use("Agg")
-    results = tracing.trace_all(tiny, tok, PROMPT, SUBJECT, noise_std=1.0, n_samples=2, window=2)
-    assert set(results) == set(tracing.KINDS)
-    for r in results.values():
+    queries = [QUERY, Query("The capital of {} is", "France", "Paris")]
+    many = tracing.trace_facts(tiny, tok, queries, noise_std=1.0, n_samples=2, window=2)
+    assert "2/2 traced" in capsys.readouterr().out
+    assert set(many.results) == set(tracing.KINDS) and all(len(v) == 2 for v in many.results.values())
+    single = tracing.trace_fact(tiny, tok, queries[1], kind="mlp", noise_std=1.0, n_samples=2, window=2)
+    np.testing.assert_array_equal(many.results["mlp"][1].scores, single.scores)
+    for r in many.results["layer"]:
         ax = r.plot()
         labels = [t.get_text() for t in ax.get_yticklabels()]
         assert sum(label.endswith("*") for label in labels) == r.subject_span[1] - r.subject_span[0]
-    ax = tracing.average_effects([results["mlp"]]).plot()
-    assert len(ax.get_lines()) >= 4
+    avg = many.average("mlp", share=False)
+    ax = avg.plot()
+    assert len(ax.get_lines()) >= 4 and "N = 2" in ax.get_title()
+    with pytest.raises(ValueError, match="not traced"):
+        many.average("residual")
 
 
 def test_real_model_restores_clean_probability_and_corruption_hurts():
     model, tok = load_model()
-    r = tracing.trace_fact(model, tok, "The capital of France is", "France", target="Paris", kind="layer")
+    r = tracing.trace_fact(model, tok, Query("The capital of {} is", "France", "Paris"), kind="layer")
     assert r.clean_prob > 0.5  # the model knows it
     assert r.corrupted_prob < r.clean_prob / 5
     assert r.scores[-1, -1] == pytest.approx(r.clean_prob, rel=1e-4)
     assert r.noise_std == pytest.approx(tracing.noise_level(model, tok))  # default: 3 × the dataset's std
+    table = model.get_input_embeddings().weight  # SmolLM2 does not scale: module output = table rows
+    ids = [i for f in ["France", "Eiffel Tower"] for i in tok(" " + f, add_special_tokens=False)["input_ids"]]
+    assert tracing.embedding_std(model, tok, ["France", "Eiffel Tower"]) == pytest.approx(float(table[ids].std()), rel=1e-6)
+
+
+def test_spread_over_relations_is_seeded_and_round_robin():
+    from engram_helpers.data import load_facts, relations, spread_over_relations
+
+    facts = load_facts()
+    rels = relations(facts)
+    chosen = spread_over_relations(facts, 2 * len(rels), seed=0)
+    assert len(chosen) == 2 * len(rels) and len(set(chosen)) == len(chosen)
+    assert [f.relation for f in chosen] == rels + rels  # one per relation, in turn
+    assert spread_over_relations(facts, 2 * len(rels), seed=0) == chosen
+    assert spread_over_relations(facts, 2 * len(rels), seed=1) != chosen
+    assert set(spread_over_relations(facts, 10_000)) == set(facts)  # asking for more gives all of them
+    with pytest.raises(ValueError):
+        spread_over_relations(facts, 0)
