@@ -32,13 +32,25 @@ from typing import Protocol, Sequence
 import torch
 from torch import nn
 
-# Everything this module takes from ROME, in one place (rome.py is being split; change only these lines).
-from .rome import EditHandle, HParams, SecondMoment, apply_rome, apply_update, compute_value, context_prefixes
-from .rome import default_hparams as rome_default_hparams
-from .rome import mlp_keys, sample_text, score_edit, subject_last_index
-from .hooks import trace
 from .forgetting import next_token_accuracy
+from .hooks import trace
 from .models import DEFAULT_MODEL, answer_ids, arch, encode
+
+# Everything this module takes from ROME, in one place (rome.py is being split; change only these lines).
+from .rome import (
+    EditHandle,
+    HParams,
+    SecondMoment,
+    apply_rome,
+    apply_update,
+    compute_value,
+    context_prefixes,
+    mlp_keys,
+    sample_text,
+    score_edit,
+    subject_last_index,
+)
+from .rome import default_hparams as rome_default_hparams
 
 
 class Request(Protocol):

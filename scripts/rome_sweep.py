@@ -42,7 +42,7 @@ def hase(Y: np.ndarray, E: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dic
     rng = np.random.default_rng(seed)
     boot = np.array([fit(Y[idx], E[idx]) for idx in (rng.integers(0, n_f, n_f) for _ in range(n_boot))])
     gain = boot[:, 1] - boot[:, 0]
-    ci = lambda x: [float(np.nanpercentile(x, 2.5)), float(np.nanpercentile(x, 97.5))]  # noqa: E731
+    ci = lambda x: [float(np.nanpercentile(x, 2.5)), float(np.nanpercentile(x, 97.5))]
     return {"r2_layer": point[0], "r2_layer_ci": ci(boot[:, 0]), "r2_both": point[1], "r2_both_ci": ci(boot[:, 1]),
             "gain": point[1] - point[0], "gain_ci": ci(gain), "r": point[2], "r_ci": ci(boot[:, 2])}
 

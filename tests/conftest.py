@@ -4,8 +4,6 @@ and the real offline default model (loaded once per test session)."""
 from __future__ import annotations
 
 import pytest
-import torch
-
 from tiny import tiny_model as _tiny
 
 

@@ -32,6 +32,7 @@ from engram_helpers.models import (
     mlp_out_weight,
     next_token_probs,
 )
+from engram_helpers.query import Query
 
 PROMPT = "The Eiffel Tower is located in the city of"
 
@@ -195,11 +196,12 @@ def test_gemma_hooks_are_exact(gemma):
 @pytest.mark.slow
 def test_gemma_rome_edit_and_exact_undo(gemma):
     model, tok = gemma
-    hp = rome.HParams(layer=3, v_steps=10, n_prefixes=1, prefix_len=5)
+    hp = rome.with_settings(rome.hparams_for(model), layer=3, v_steps=10, n_prefixes=1, prefix_len=5)
     new, true = first_token_id(tok, "Rome"), first_token_id(tok, "Paris")
     w0 = mlp_out_weight(model, 3).clone()
     before = next_token_probs(model, tok, PROMPT)[0]
-    handle = rome.apply_rome(model, tok, PROMPT, "The Eiffel Tower", "Rome", hparams=hp, C="identity")
+    handle = rome.apply_rome(model, tok, Query("{} is located in the city of", "The Eiffel Tower", "Rome"),
+                            hparams=hp, C="identity")
     try:
         after = next_token_probs(model, tok, PROMPT)[0]
         assert not torch.equal(mlp_out_weight(model, 3), w0)

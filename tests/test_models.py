@@ -8,17 +8,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_model as _tiny
 from torch import nn
 
 from engram_helpers import models
 from engram_helpers.hooks import get_module
 from engram_helpers.models import DEFAULT_MODEL, OfflineError, arch, load_model, mlp_out_weight
-
-from tiny import tiny_model as _tiny
 
 
 def _tiny_other(kind: str):

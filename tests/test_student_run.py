@@ -10,7 +10,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from nbrun import run_with
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,9 +3,9 @@ and the student notebooks published where the "student version" links point."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from . import CheckFailed, assert_close, passed
 from .. import tracing
+from . import CheckFailed, assert_close, passed
 
 
 def _inputs(seed: int, batch: int = 3, seq: int = 7, d: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
