@@ -102,7 +102,7 @@ class Estimate:
         return f"{100 * self.mean:.0f}% [{100 * self.lo:.0f}, {100 * self.hi:.0f}]"
 
 
-def bootstrap(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> Estimate:
+def bootstrap(values: Sequence[float] | np.ndarray, n_boot: int = 2000, seed: int = 0) -> Estimate:
     """Mean of ``values`` (one per fact) with a seeded percentile bootstrap 95% interval over facts."""
     x = np.asarray(values, dtype=float)
     x = x[~np.isnan(x)]

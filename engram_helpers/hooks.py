@@ -176,7 +176,8 @@ def trace_many(
             pass
 
 
-def replace_at(values: torch.Tensor, positions: torch.Tensor | list[int] | int, rows: slice | torch.Tensor = slice(None)) -> Edit:
+def replace_at(values: torch.Tensor, positions: torch.Tensor | list[int] | int,
+               rows: slice | torch.Tensor = slice(None)) -> Edit:
     """An ``edit_output`` that writes ``values`` into the module output at token ``positions``.
 
     ``values`` is [n_positions, d] or [batch, n_positions, d] (broadcast over the batch rows selected by

@@ -149,7 +149,9 @@ def _estimate(model, tok, todo: list[int], n_tokens: int, source: str, seq_len: 
         with trace_many(model, names, retain_output=False, retain_input=True, stop=True) as tr:
             model(**batch)
         for l, n in zip(todo, names):
-            x = tr[n].input.reshape(-1, d)[keep].float()
+            x_in = tr[n].input
+            assert x_in is not None  # retain_input=True and the forward pass ran
+            x = x_in.reshape(-1, d)[keep].float()
             sums[l].addmm_(x.T, x)
         count += len(keep)
     out = {}

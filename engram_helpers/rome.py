@@ -30,7 +30,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from importlib import resources
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +157,7 @@ def mlp_keys(model: nn.Module, tok, queries: Sequence[Query], layer: int) -> tor
     pos = torch.tensor([subject_last(tok, q) for q in queries], device=device)
     with trace(model, arch(model).mlp_out_name(layer), retain_output=False, retain_input=True, stop=True) as t:
         model(**batch)
+    assert t.input is not None  # retain_input=True and the forward pass ran
     return t.input[torch.arange(len(queries), device=device), pos].float()
 
 
@@ -258,10 +259,10 @@ def compute_value(model: nn.Module, tok, query: Query, key: torch.Tensor, hparam
     ans_idx = torch.tensor([[col[int(c)] for c in r] for r in b.answer_cols.tolist()], device=device)
     tgt = torch.tensor(target, device=device)
 
-    from transformers import DynamicCache
+    from transformers import DynamicCache, PretrainedConfig
 
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=cast(PretrainedConfig, model.config))
     if S > 0:  # the part that does not depend on delta, once
         with torch.no_grad():
             model(input_ids=b.prefix_ids, attention_mask=b.prefix_mask, position_ids=b.positions[:, :S],

@@ -72,7 +72,8 @@ def make_memory(n_keys: int = 200, n_stored: int = 6, d: int = 2, spread: tuple[
     """The notebook's example: ``n_keys`` keys ``[n_keys, d]`` drawn from a zero-mean Gaussian whose
     standard deviations are ``spread`` (padded with its last entry up to ``d``), rotated by ``angle_deg``
     in the first two coordinates, so that keys are common along one direction and rare across it; a random
-    orthogonal memory ``W`` ``[d, d]`` (values are turned keys, so both spaces look alike); and ``C`` from the keys. All draws come from ``torch.Generator().manual_seed(seed)``.
+    orthogonal memory ``W`` ``[d, d]`` (values are turned keys, so both spaces look alike); and ``C`` from the keys.
+    All draws come from ``torch.Generator().manual_seed(seed)``.
     """
     if d < 2 or n_keys < d or not 0 < n_stored <= n_keys:
         raise ValueError("make_memory needs d ≥ 2, n_keys ≥ d and 0 < n_stored ≤ n_keys.")

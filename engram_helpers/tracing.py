@@ -29,6 +29,7 @@ import math
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -115,7 +116,8 @@ def corrupt_embeddings(embeds: torch.Tensor, span: tuple[int, int], noise: torch
     return out
 
 
-def restore_state(corrupted: torch.Tensor, clean: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def restore_state(corrupted: torch.Tensor, clean: torch.Tensor, rows: torch.Tensor,
+                  positions: torch.Tensor) -> torch.Tensor:
     """Copy clean states into a corrupted module output; a new tensor.
 
     corrupted: [batch, seq, d]; clean: [seq, d] (the clean run's output of the same module);
@@ -315,8 +317,9 @@ def _module_names(model: nn.Module, kind: str) -> list[str]:
 
 def _last_logits(model: nn.Module, batch: dict, last: int) -> torch.Tensor:
     """Logits at position ``last`` only: the base model's hidden states, then the output layer. [batch, vocab]"""
-    hidden = model.base_model(**batch).last_hidden_state
-    return model.get_output_embeddings()(hidden[:, last])
+    lm: Any = model  # a transformers PreTrainedModel: nn.Module does not declare these two
+    hidden = lm.base_model(**batch).last_hidden_state
+    return lm.get_output_embeddings()(hidden[:, last])
 
 
 @dataclass
@@ -454,7 +457,9 @@ def _restored_probs(model, names: list[str], p: _Prepared, clean: torch.Tensor, 
         cache_in = DynamicCache(config=model.config)
         for l, layer in enumerate(cache.layers[:n_layers]):
             k = n_blocks_before(l)
-            cache_in.layers[l].update(layer.keys[:, :, :t].repeat(k, 1, 1, 1), layer.values[:, :, :t].repeat(k, 1, 1, 1))
+            # DynamicCache of these models holds DynamicLayers; transformers types .layers as a union of mixins
+            cache_in.layers[l].update(layer.keys[:, :, :t].repeat(k, 1, 1, 1),  # type: ignore[union-attr]
+                                      layer.values[:, :, :t].repeat(k, 1, 1, 1))
     with ExitStack() as stack:
         stack.enter_context(trace(model, layer_names[0], retain_output=False, edit_input=at_input_of_first_layer))
         stack.enter_context(trace_many(model, hooked, retain_output=False, edit_output=edit))
@@ -494,9 +499,10 @@ def trace_fact(
     corrupted_prob = float(probs.mean())
 
     # The clean run, once: every hooked module's output at every token. [n_layers, seq, d]
+    lm: Any = model  # a transformers PreTrainedModel: nn.Module does not declare base_model
     with trace_many(model, names) as clean_rec:
-        model.base_model(input_ids=p.input_ids)
-    clean = torch.stack([clean_rec[m].output[0] for m in names])
+        lm.base_model(input_ids=p.input_ids)
+    clean = torch.stack([cast(torch.Tensor, clean_rec[m].output)[0] for m in names])
 
     # Tokens before the subject: the noise cannot reach them, restoring them changes nothing.
     scores = torch.full((n_tokens, n_layers), corrupted_prob)

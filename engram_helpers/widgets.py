@@ -146,7 +146,7 @@ class TraceExplorer(widgets.VBox):
             raise ValueError(f"Unknown kinds {unknown or list(kinds)}: choose from {list(KINDS)}.")
         self.model, self.tok, self.facts = model, tok, list(facts)
         self.trace_fn, self.trace_kwargs = trace_fn, dict(trace_kwargs or {})
-        self.cache: dict[tuple[int, str], Any] = {}
+        self.cache: dict[tuple[int, str, float | None], Any] = {}
         self.fact = widgets.Dropdown(
             options=[(f"{f.prompt} … {f.target_true}", i) for i, f in enumerate(self.facts)],
             value=0, description="Fact", layout=_wide(), style=_LABEL,
@@ -202,7 +202,8 @@ def trace_explorer(model, tok, facts: Sequence[Fact], kinds: Sequence[str] = tup
     empty (also in the static book).
     """
     if trace_fn is None:
-        from .tracing import trace_fact as trace_fn
+        from .tracing import trace_fact
+        trace_fn = trace_fact
     return TraceExplorer(model, tok, facts, trace_fn, kinds=kinds, trace_kwargs=trace_kwargs, initial=initial)
 
 
@@ -275,6 +276,7 @@ class EditExplorer(widgets.VBox):
         prompts = self._prompts()
         preds = self.predict_fn(self.model, self.tok, prompts, k=self.k)
         if after:
+            assert before is not None, "after=True needs the predictions from before the edit"
             rows = list(zip(prompts, before, preds))
         else:
             rows = [(p, b, None) for p, b in zip(prompts, preds)]
@@ -340,9 +342,11 @@ def edit_explorer(model, tok, fact: Fact | None = None, subject: str = "", promp
     is applied at once (the model stays edited until *Undo*); otherwise the unedited predictions are shown.
     """
     if edit_fn is None:
-        from .rome import apply_rome as edit_fn
+        from .rome import apply_rome
+        edit_fn = apply_rome
     if predict_fn is None:
-        from .models import predict as predict_fn
+        from .models import predict
+        predict_fn = predict
     if fact is not None:
         subject = subject or fact.subject
         prompt = prompt or fact.prompt

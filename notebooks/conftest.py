@@ -153,7 +153,8 @@ def executed_notebook(nbfile) -> nbformat.NotebookNode:
             "model_module": state.get("_model_module"),
             "model_module_version": state.get("_model_module_version"),
             "state": state,
-            **({"buffers": list(nbfile._engram_buffers[model_id].values())} if model_id in nbfile._engram_buffers else {}),
+            **({"buffers": list(nbfile._engram_buffers[model_id].values())}
+               if model_id in nbfile._engram_buffers else {}),
         }
         for model_id, state in nbfile._engram_widgets.items()
         if "_model_name" in state

@@ -192,7 +192,9 @@ PAGE_REPORT_JS = r"""
   const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
   for (let n = walker.nextNode(); n; n = walker.nextNode()) {
     let p = n.parentElement, skipped = false;
-    for (; p; p = p.parentElement) { if (skip.has(p.tagName) || p.classList.contains('highlight')) { skipped = true; break; } }
+    for (; p; p = p.parentElement) {
+      if (skip.has(p.tagName) || p.classList.contains('highlight')) { skipped = true; break; }
+    }
     if (!skipped && /\$\$|\\\(|\\\[/.test(n.textContent)) raw.push(n.textContent.trim().slice(0, 80));
   }
   const maths = [...document.querySelectorAll('.math')];
@@ -216,11 +218,13 @@ PAGE_REPORT_JS = r"""
     mathElements: maths.length,
     mathTypeset: maths.filter(m => m.querySelector('mjx-container')).length,
     rawMath: raw.slice(0, 5),
-    widgetState: !!stateTag, widgetManager: typeof window.require === 'function' && !!document.querySelector('script[src*="embed-amd"]'),
+    widgetState: !!stateTag,
+    widgetManager: typeof window.require === 'function' && !!document.querySelector('script[src*="embed-amd"]'),
     widgetViews: views.length, widgetViewsRendered: rendered,
     widgetErrors: (document.body.innerText.match(/Error displaying widget/g) || []).length,
     outputImagesStored: outputImages,
-    outputImagesShown: document.querySelectorAll('.widget-output img[src^="data:image/png"], .jupyter-widgets-output-area img[src^="data:image/png"]').length,
+    outputImagesShown: document.querySelectorAll(
+      '.widget-output img[src^="data:image/png"], .jupyter-widgets-output-area img[src^="data:image/png"]').length,
   };
 })()
 """
@@ -230,7 +234,8 @@ READY_JS = r"""
   if (document.readyState !== 'complete') return false;
   const needsMath = document.querySelector('.math') !== null;
   if (needsMath && !(window.MathJax && window.MathJax.startup && window.MathJax.startup.document
-      && document.querySelectorAll('.math').length === document.querySelectorAll('.math mjx-container').length)) return false;
+      && document.querySelectorAll('.math').length === document.querySelectorAll('.math mjx-container').length))
+    return false;
   const views = document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]').length;
   if (views && document.querySelectorAll('.widget-subarea .jupyter-widgets').length === 0) return false;
   return true;
@@ -355,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         shots.mkdir(parents=True, exist_ok=True)
 
     server, port = serve(root)
-    flags = [] if netns else ["--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>;127.0.0.1;localhost"]
+    flags = [] if netns else [
+        "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>;127.0.0.1;localhost"]
     # With the dead proxy, local pages must bypass it; "<-loopback>" removes the implicit bypass so that the
     # explicit list above is the whole list.
     browser = Browser(args.chromium, flags)

@@ -227,9 +227,12 @@ def fig_forgetting_lashley() -> plt.Figure:
 
 def fig_limits_evidence() -> plt.Figure:
     """What each kind of experiment can show, in the brain and in a model."""
-    rows = [("necessary?", "remove it: does recall fail?", "lesion, or silencing\n(e.g. optogenetic)", "ablate neurons,\nerase a fact, lesion weights"),
-            ("sufficient?", "drive or restore it:\ndoes recall come back?", "light on tagged cells", "restore a state\n(causal tracing)"),
-            ("where to change it?", "write there: does the\nmemory change as intended?", "co-activation,\nreconsolidation", "rank-one edit (ROME)")]
+    rows = [("necessary?", "remove it: does recall fail?", "lesion, or silencing\n(e.g. optogenetic)",
+             "ablate neurons,\nerase a fact, lesion weights"),
+            ("sufficient?", "drive or restore it:\ndoes recall come back?", "light on tagged cells",
+             "restore a state\n(causal tracing)"),
+            ("where to change it?", "write there: does the\nmemory change as intended?",
+             "co-activation,\nreconsolidation", "rank-one edit (ROME)")]
     fig, ax = plt.subplots(figsize=(10, 3.4))
     ax.set(xlim=(0, 10), ylim=(0, 4))
     ax.axis("off")

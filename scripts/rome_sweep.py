@@ -1,6 +1,7 @@
 """The large ROME layer sweep and the Hase et al. (2023) analysis (the notebook runs a small version).
 
-    PYTHONPATH=. flock /tmp/engram-heavy.lock python scripts/rome_sweep.py [--step 2] [--facts 10] [--out rome_sweep.json]
+    PYTHONPATH=. flock /tmp/engram-heavy.lock \
+        python scripts/rome_sweep.py [--step 2] [--facts 10] [--out rome_sweep.json]
 
 Every ``--step``-th layer, ``--facts`` known facts of the TEST split, each edited at each layer (2 context
 prefixes, as in the notebook's sweep) and scored with the CounterFact magnitudes; the MLP causal trace of

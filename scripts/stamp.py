@@ -11,8 +11,8 @@ What it writes:
   notebooks that load a language model also get Colab's GPU metadata and a line on how to switch the runtime.
   Nothing else in a notebook is touched.
 - ``_config.yml``: ``repository.url`` and ``repository.branch`` (the launch buttons open the released ref).
-- ``README.md``, ``CONTRIBUTING.md``, ``book/intro.md``, ``CITATION.cff``: every ``github.com/OWNER/NAME`` link of the course
-  (found as the slug that ``_config.yml`` held before) and the ``@ref`` of ``git+`` install URLs.
+- ``README.md``, ``CONTRIBUTING.md``, ``book/intro.md``, ``CITATION.cff``: every ``github.com/OWNER/NAME`` link of
+  the course (found as the slug that ``_config.yml`` held before) and the ``@ref`` of ``git+`` install URLs.
 
 The install cell installs exactly the model and data packages a notebook needs. They are derived, not
 listed by hand: :func:`library_needs` reads ``engram_helpers/`` with ``ast`` and finds, for each function,
@@ -98,7 +98,8 @@ def _strings(node: ast.AST) -> list[str]:
     for n in ast.walk(node):
         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)) and n.body:
             first = n.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                    and isinstance(first.value.value, str)):
                 skip.add(id(first.value))
     words = []
     for n in ast.walk(node):
@@ -174,7 +175,8 @@ def library_needs(library: Path = ROOT / LIBRARY, dists: list[str] | None = None
                         refs.add((mod, n.id))
                     elif isinstance(aliases.get(n.id), tuple):
                         refs.add(aliases[n.id])
-                elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and isinstance(aliases.get(n.value.id), str):
+                elif (isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                      and isinstance(aliases.get(n.value.id), str)):
                     refs.add((aliases[n.value.id], n.attr))
             edges[key] = refs
         for local, target in aliases.items():  # re-exports, e.g. engram_helpers.load_model
@@ -358,7 +360,8 @@ def config_slug_and_branch(text: str) -> tuple[str, str]:
 
 
 def stamp_config(text: str, course: Course) -> str:
-    text = re.sub(r"^(\s+url:\s*)https://github\.com/\S+", lambda m: m.group(1) + course.repository, text, count=1, flags=re.M)
+    text = re.sub(r"^(\s+url:\s*)https://github\.com/\S+", lambda m: m.group(1) + course.repository, text,
+                  count=1, flags=re.M)
     return re.sub(r"^(\s+branch:\s*)\S+", lambda m: m.group(1) + course.ref, text, count=1, flags=re.M)
 
 
@@ -377,7 +380,8 @@ def stale_links(text: str, course: Course) -> list[str]:
     """Links in a doc that point at another copy of the course (same owner or same name, other slug or ref)."""
     owner, name = course.slug.split("/")
     bad = []
-    for m in re.finditer(r"(git\+)?https://github\.com/([\w.-]+)/([\w.-]+?)(?:\.git)?(@[\w./-]+)?(?=[\s\"'`)/]|$)", text):
+    for m in re.finditer(r"(git\+)?https://github\.com/([\w.-]+)/([\w.-]+?)(?:\.git)?(@[\w./-]+)?(?=[\s\"'`)/]|$)",
+                         text):
         o, n = m.group(2), m.group(3)
         if (o == owner or n == name) and (f"{o}/{n}" != course.slug or (m.group(1) and m.group(4) != f"@{course.ref}")):
             bad.append(m.group(0))

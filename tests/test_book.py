@@ -88,7 +88,8 @@ def test_notebooks_hide_their_colab_cell():
 
         nb = nbformat.read(src, as_version=4)
         first = nb.cells[0]
-        assert first.cell_type == "code" and "google.colab" in first.source, f"{src.name}: first cell must be the Colab install cell"
+        assert first.cell_type == "code" and "google.colab" in first.source, \
+            f"{src.name}: first cell must be the Colab install cell"
         assert "remove-cell" in first.metadata.get("tags", []), f"{src.name}: tag the Colab cell 'remove-cell'"
         assert nb.metadata.get("kernelspec", {}).get("name") == "python3", f"{src.name}: kernelspec must be python3"
 
@@ -260,7 +261,8 @@ def test_nbval_run_is_reused_by_the_book_build(tmp_path):
     (tmp_path / "notebooks" / "conftest.py").write_text((ROOT / "notebooks" / "conftest.py").read_text())
     ok = _notebook([
         "import ipywidgets as w\nw.IntSlider(value=7)",
-        "from IPython.display import clear_output\nfor i in range(3):\n    clear_output(wait=True)\n    print('step', i)",
+        "from IPython.display import clear_output\n"
+        "for i in range(3):\n    clear_output(wait=True)\n    print('step', i)",
         "x = 6 * 7\nassert x == 42\nx",
         "out = w.Output()\nwith out:\n    print('inside the widget')\nout",
     ])

@@ -59,7 +59,8 @@ def colab(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("colab")
     clone = work / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True, check=True).stdout.strip()
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True,
+                         check=True).stdout.strip()
     preinstalled = work / "preinstalled"
     preinstalled.mkdir()
     for entry in PINS_SITE.iterdir():
@@ -70,13 +71,15 @@ def colab(tmp_path_factory) -> dict:
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     Path(site, "colab-preinstalled.pth").write_text(f"{preinstalled}\n")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *COLAB_WIDGETS], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *COLAB_WIDGETS],
+                   check=True)
     stub = work / "stub"
     (stub / "google" / "colab").mkdir(parents=True)
     (stub / "google" / "__init__.py").write_text("")
     (stub / "google" / "colab" / "__init__.py").write_text('"""Stand-in for Colab\'s module."""\n')
     (stub / "sitecustomize.py").write_text("import google.colab  # as on Colab: the module is imported\n")
-    return {"python": python, "site": Path(site), "stub": stub, "url": f"file://localhost{clone}", "ref": sha, "work": work}
+    return {"python": python, "site": Path(site), "stub": stub, "url": f"file://localhost{clone}", "ref": sha,
+            "work": work}
 
 
 def _env(colab: dict) -> dict:
@@ -134,7 +137,8 @@ def test_loading_code_keeps_what_loading_needs():
         nbformat.v4.new_code_cell("# install"),
         nbformat.v4.new_code_cell("import torch\nfrom engram_helpers.models import load_model, DEFAULT_MODEL"),
         nbformat.v4.new_code_cell("MODEL_NAME = DEFAULT_MODEL", metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell("device = 'cpu'\nheavy = sum(range(10))\nmodel, tok = load_model(MODEL_NAME, device=device)"),
+        nbformat.v4.new_code_cell("device = 'cpu'\nheavy = sum(range(10))\n"
+                                  "model, tok = load_model(MODEL_NAME, device=device)"),
         nbformat.v4.new_code_cell("for i in range(3):\n    load_model()\nresult = model(1)"),
     ])
     code = loading_code(nb)

@@ -39,7 +39,8 @@ def test_score_edit_follows_the_papers_definitions(default_model):
     prompts = [f.prompt, *f.paraphrases, *f.neighbourhood]
 
     def p(answer):  # exp(-mean token NLL), as in the authors' experiments/summarize.py
-        return np.array([float(lp.mean().exp()) for lp in answer_token_logprobs(model, tok, prompts, [answer] * len(prompts))])
+        return np.array([float(lp.mean().exp())
+                         for lp in answer_token_logprobs(model, tok, prompts, [answer] * len(prompts))])
 
     new, true = p(f.target_new), p(f.target_true)
     n = len(f.paraphrases)

@@ -27,7 +27,7 @@ def test_patching_with_own_clean_output_changes_nothing(tiny_model, kind):
         with trace(tiny_model, name) as t:
             logits(tiny_model)
         own = t.output.clone()
-        with trace(tiny_model, name, edit_output=lambda out: own.clone()):
+        with trace(tiny_model, name, edit_output=lambda out, own=own: own.clone()):
             patched = logits(tiny_model)
         assert torch.equal(patched, clean), name
     assert n_hooks(tiny_model) == 0
@@ -71,7 +71,7 @@ def test_hooks_removed_after_block_and_after_exception(tiny_gpt2):
     assert n_hooks(tiny_gpt2) == 0
     with pytest.raises(ZeroDivisionError):
         with trace(tiny_gpt2, name, edit_output=lambda o: o * 0):
-            1 / 0
+            _ = 1 / 0
     assert n_hooks(tiny_gpt2) == 0
     with pytest.raises(RuntimeError, match="boom"):
         with trace_many(tiny_gpt2, arch(tiny_gpt2).names("mlp"), edit_output=lambda o, n: o):

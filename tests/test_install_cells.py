@@ -100,7 +100,8 @@ def test_install_cell_fails_loudly_when_pip_fails(tmp_path):
                                        ref="main")
     done = _run_cell(source, colab=True, tmp_path=tmp_path)
     assert done.returncode != 0
-    assert "RuntimeError" in done.stderr and "failed" in done.stderr and "no-such-repo" in done.stderr, done.stderr[-2000:]
+    assert "RuntimeError" in done.stderr and "failed" in done.stderr and "no-such-repo" in done.stderr, \
+        done.stderr[-2000:]
 
 
 def test_install_cell_says_what_to_do_when_a_package_is_missing(tmp_path):

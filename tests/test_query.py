@@ -43,7 +43,8 @@ def test_template_words_containing_the_subject(default_model):
 def test_contexts_and_targets():
     q = Query("The {} is in", "Louvre", "Paris")
     cs = contexts(q, ["A {b}rief text", "Another"])
-    assert [c.prompt for c in cs] == ["The Louvre is in", "A b rief text. The Louvre is in", "Another. The Louvre is in"]
+    assert [c.prompt for c in cs] == ["The Louvre is in", "A b rief text. The Louvre is in",
+                                      "Another. The Louvre is in"]
     assert all(c.subject == "Louvre" and c.target == "Paris" for c in cs)
     assert q.with_target("Rome").target == "Rome" and q.target == "Paris"
     fact = load_facts()[0]

@@ -194,7 +194,8 @@ def test_bad_arguments(tiny, tok):
 
 def test_noise_level_is_three_embedding_stds(tiny, tok):
     std = tracing.embedding_std(tiny, tok, ["France", "Eiffel Tower"])
-    ids = tok(" France", add_special_tokens=False)["input_ids"] + tok(" Eiffel Tower", add_special_tokens=False)["input_ids"]
+    ids = (tok(" France", add_special_tokens=False)["input_ids"]
+           + tok(" Eiffel Tower", add_special_tokens=False)["input_ids"])
     assert std == pytest.approx(float(tiny.get_input_embeddings().weight[ids].std()), rel=1e-6)
     assert tracing.noise_level(tiny, tok, subjects=["France", "Eiffel Tower"]) == pytest.approx(3 * std)
 
@@ -283,7 +284,8 @@ def test_real_model_restores_clean_probability_and_corruption_hurts():
     assert r.noise_std == pytest.approx(tracing.noise_level(model, tok))  # default: 3 × the dataset's std
     table = model.get_input_embeddings().weight  # SmolLM2 does not scale: module output = table rows
     ids = [i for f in ["France", "Eiffel Tower"] for i in tok(" " + f, add_special_tokens=False)["input_ids"]]
-    assert tracing.embedding_std(model, tok, ["France", "Eiffel Tower"]) == pytest.approx(float(table[ids].std()), rel=1e-6)
+    assert tracing.embedding_std(model, tok, ["France", "Eiffel Tower"]) == \
+        pytest.approx(float(table[ids].std()), rel=1e-6)
 
 
 def test_spread_over_relations_is_seeded_and_round_robin():

@@ -32,13 +32,14 @@ def _key_variants(model, tok, query: Query, layer: int, prefixes) -> dict[str, t
     last_tok = (encode(tok, texts)[1]).tolist()
     first_subj = [subject_span(tok, q)[0] for q in qs]
     found = []  # the subject searched for in the text (its first occurrence), as str.find would
-    for t in texts:
-        end = t.find(query.subject) + len(query.subject)
-        found.append(len(encode(tok, t[:end])[0]["input_ids"][0]) - 1)
+    for text in texts:
+        end = text.find(query.subject) + len(query.subject)
+        found.append(len(encode(tok, text[:end])[0]["input_ids"][0]) - 1)
     name = arch(model).mlp_out_name(layer)
     batch, _ = encode(tok, texts)
     with torch.no_grad(), trace(model, name, retain_input=True) as t:
         model(**batch)
+    assert t.output is not None and t.input is not None  # both retained, and the forward pass ran
     rows = torch.arange(len(texts))
     return {
         "output": t.output[rows, last_subj].mean(0),
