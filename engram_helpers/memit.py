@@ -32,7 +32,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -42,10 +42,19 @@ from .evaluation import score_edit
 from .forgetting import next_token_accuracy
 from .hooks import trace
 from .layer_stats import SecondMoment
-from .models import DEFAULT_MODEL, answer_ids, arch, encode, model_id, sample_text
+from .models import answer_ids, arch, encode, model_id, sample_text
 from .query import Query, contexts, subject_last
-from .rome import HParams, apply_rome, compute_key, compute_value, context_prefixes, hparams_for as rome_hparams_for
-from .rome import mlp_keys, weight_delta, with_settings
+from .rome import (
+    HParams,
+    apply_rome,
+    compute_key,
+    compute_value,
+    context_prefixes,
+    mlp_keys,
+    weight_delta,
+    with_settings,
+)
+from .rome import hparams_for as rome_hparams_for
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,7 @@ def hparams_for(model: nn.Module) -> MemitHParams:
     ROME's layer; λ = 1,000."""
     rome_hp = rome_hparams_for(model)
     name = model_id(model).rstrip("/").split("/")[-1].lower()
+    layers: tuple[int, ...]
     if name.startswith("smollm2-135m") and rome_hp.layer == DEFAULT_LAYERS[-1]:
         layers = DEFAULT_LAYERS
     else:
@@ -127,14 +137,14 @@ def check_requests(requests: Sequence[Query]) -> None:
 def check_layers(model: nn.Module, layers: Sequence[int]) -> tuple[int, ...]:
     """The critical layers as a tuple; raises if empty, not strictly increasing, out of range, or ending at
     the model's last layer."""
-    layers = tuple(int(l) for l in layers)
+    layers = tuple(int(layer) for layer in layers)
     if not layers:
         raise ValueError("No critical layers: give at least one, e.g. layers=(1, 2, 3, 4).")
     if any(b <= a for a, b in zip(layers, layers[1:])):
         raise ValueError(f"The critical layers {layers} must be strictly increasing (the value is set at the last).")
     a = arch(model)
-    for l in layers:
-        a.mlp_out_name(l)  # IndexError naming the valid range
+    for layer in layers:
+        a.mlp_out_name(layer)  # IndexError naming the valid range
     if layers[-1] == a.n_layers - 1:
         raise ValueError(f"The last critical layer {layers[-1]} is the model's last layer: a change there at the "
                          f"subject's token cannot reach the tokens after it (no attention follows). Use lower layers.")
@@ -171,6 +181,7 @@ def subject_residual(model: nn.Module, tok, requests: Sequence[Query], layer: in
     idx = torch.tensor([subject_last(tok, r) for r in requests], device=device)
     with trace(model, arch(model).layer_name(layer)) as t:
         model(**batch)
+    assert t.output is not None
     return t.output[torch.arange(len(requests), device=device), idx].float()
 
 
@@ -230,7 +241,8 @@ def spread_residual(z: torch.Tensor, current: torch.Tensor, index: int, n_layers
     if not 0 <= index < n_layers:
         raise ValueError(f"index must be in 0..{n_layers - 1}, got {index}.")
     if z.shape != current.shape:
-        raise ValueError(f"z {tuple(z.shape)} and current {tuple(current.shape)} must have the same shape [n, d_model].")
+        raise ValueError(f"z {tuple(z.shape)} and current {tuple(current.shape)} must have the same shape "
+                         f"[n, d_model].")
     return (z - current) / (n_layers - index)
 
 
@@ -290,7 +302,7 @@ def apply_memit(model: nn.Module, tok, requests: Sequence[Query], Cs: dict,
     check_requests(requests)
     hp = hparams or hparams_for(model)
     layers = check_layers(model, hp.layers)
-    missing = [l for l in layers if l not in Cs]
+    missing = [layer for layer in layers if layer not in Cs]
     if missing:
         raise ValueError(f"No key statistics C for layers {missing}: pass "
                          f"layer_stats.second_moments(model, tok, {list(layers)}).")
@@ -306,24 +318,24 @@ def apply_memit(model: nn.Module, tok, requests: Sequence[Query], Cs: dict,
     deltas: dict[int, torch.Tensor] = {}
     log: list[dict[str, float]] = []
     try:
-        for i, l in enumerate(layers):
-            K = compute_keys(model, tok, requests, l, prefixes)
+        for i, layer in enumerate(layers):
+            K = compute_keys(model, tok, requests, layer, prefixes)
             current = subject_residual(model, tok, requests, layers[-1]).cpu()
             R = spread_residual(targets.z, current, i, len(layers))
-            dW = batch_update(K.cpu(), R, _as_matrix(Cs[l], l).cpu(), hp.mom2_update_weight)
-            deltas[l] = dW
-            steps.append(weights.add(model, weight_delta(model, l, dW), label="memit-step"))
-            log.append({"layer": l, "error": float((targets.z - current).norm(dim=1).mean()),
+            dW = batch_update(K.cpu(), R, _as_matrix(Cs[layer], layer).cpu(), hp.mom2_update_weight)
+            deltas[layer] = dW
+            steps.append(weights.add(model, weight_delta(model, layer, dW), label="memit-step"))
+            log.append({"layer": layer, "error": float((targets.z - current).norm(dim=1).mean()),
                         "update_norm": float(dW.norm())})
             if verbose:
-                print(f"layer {l}: remaining error {log[-1]['error']:.2f}, ‖ΔW‖ {log[-1]['update_norm']:.3f}")
+                print(f"layer {layer}: remaining error {log[-1]['error']:.2f}, ‖ΔW‖ {log[-1]['update_norm']:.3f}")
     finally:
         for step in reversed(steps):
             step.undo()
     # The same sums written again as one change (W + ΔW is computed exactly as in the steps above).
     params: weights.Params = {}
-    for l, dW in deltas.items():
-        params.update(weight_delta(model, l, dW))
+    for layer, dW in deltas.items():
+        params.update(weight_delta(model, layer, dW))
     info = {"requests": list(requests), "layers": layers, "deltas": deltas, "targets": targets, "log": log}
     return weights.add(model, params, label="memit", info=info)
 
@@ -413,7 +425,7 @@ def sequential_vs_batch(model: nn.Module, tok, facts: Sequence, counts: Sequence
         raise ValueError(f"No C for ROME's layer {rome_hparams.layer}: add it to Cs.")
 
     def row(method: str, n: int, seconds: float, scored: Sequence) -> dict:
-        r = {"method": method, "n": n, "seconds": seconds, **score_facts(model, tok, scored),
+        r: dict[str, Any] = {"method": method, "n": n, "seconds": seconds, **score_facts(model, tok, scored),
              **general_ability(model, tok, texts, gen_prompts, gen_tokens)}
         if verbose:
             print(f"{method:9} n={n:3}: efficacy {sum(r['efficacy']) / len(r['efficacy']):.2f}, neighbourhood "

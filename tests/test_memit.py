@@ -124,7 +124,7 @@ def _hp(layers=(1, 2), lam=1.0):
 
 def _identity_Cs(model, layers):
     d = mlp_out_weight(model, 0).shape[1]
-    return {l: torch.eye(d) for l in layers}
+    return {layer: torch.eye(d) for layer in layers}
 
 
 def test_keys_and_residuals_have_the_documented_shapes(tiny, tok, tmp_path, monkeypatch):
@@ -163,8 +163,8 @@ def test_undo_restores_every_weight_bit_for_bit(tiny, tok, tmp_path, monkeypatch
     assert weights.active_changes(tiny) == [edit], "one change for the whole batch over all layers"
     assert set(edit.info["deltas"]) == {0, 2}
     assert edit.names == ["model.layers.0.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
-    for l in (0, 2):
-        assert not torch.equal(mlp_out_weight(tiny, l), before[f"model.layers.{l}.mlp.down_proj.weight"])
+    for layer in (0, 2):
+        assert not torch.equal(mlp_out_weight(tiny, layer), before[f"model.layers.{layer}.mlp.down_proj.weight"])
     assert [e["layer"] for e in edit.info["log"]] == [0, 2]
     edit.undo()
     edit.undo()  # a second undo does nothing
