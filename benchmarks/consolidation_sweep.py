@@ -16,21 +16,25 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from engram_helpers import data, memit, rome, textdata
+from engram_helpers import data, evaluation, layer_stats, memit, rome
 from engram_helpers.models import load_model
 
 METRICS = ("efficacy", "paraphrase", "neighbourhood", "accuracy", "entropy")
 
 
+def _interval(values, seed: int) -> list[float]:
+    e = evaluation.bootstrap(values, seed=seed)
+    return [e.mean, e.lo, e.hi]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--counts", type=int, nargs="+", default=[1, 10, 30, 100])
-    ap.add_argument("--lam", type=float, default=memit.DEFAULT_HPARAMS.mom2_update_weight)
+    ap.add_argument("--lam", type=float, default=memit.DEFAULT_LAMBDA)
     ap.add_argument("--n-prefixes", type=int, default=2)
     ap.add_argument("--cov-tokens", type=int, default=20_000)
     ap.add_argument("--n-texts", type=int, default=24)
@@ -47,28 +51,24 @@ def main() -> None:
     model, tok = load_model()
     facts = data.load_facts()
     known = data.known_facts(model, tok, facts)
-    split = memit.splits(facts)
-    test = memit.edit_order([f for f in known if split[f.id] == "test"])
+    test = memit.edit_order(data.facts_in_split("test", known))
     counts = [n for n in args.counts if n <= len(test)]
     if counts != sorted(args.counts):
         print(f"only {len(test)} known test facts with distinct subjects: counts {args.counts} -> {counts}")
-    base = memit.DEFAULT_HPARAMS
-    value = replace(base.value, n_prefixes=args.n_prefixes, cov_tokens=args.cov_tokens)
+    base = memit.hparams_for(model)
+    value = rome.with_settings(base.value, n_prefixes=args.n_prefixes, cov_tokens=args.cov_tokens)
     hp = memit.MemitHParams(base.layers, args.lam, value)
-    rome_hp = replace(rome.default_hparams(model), n_prefixes=args.n_prefixes, cov_tokens=args.cov_tokens)
-    Cs = rome.second_moments(model, tok, sorted(set(hp.layers) | {rome_hp.layer}), n_tokens=args.cov_tokens)
+    rome_hp = rome.with_settings(rome.hparams_for(model), n_prefixes=args.n_prefixes, cov_tokens=args.cov_tokens)
+    Cs = layer_stats.second_moments(model, tok, sorted(set(hp.layers) | {rome_hp.layer}), n_tokens=args.cov_tokens)
 
-    bbc = textdata.load_bbc()
-    c_texts = {" ".join(t.split())[:200] for t in rome.bbc_texts()[:400]}
-    held_out = [t for t in bbc.texts if " ".join(t.split())[:200] not in c_texts]
-    perm = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(args.seed))
-    texts = [held_out[i] for i in perm[:args.n_texts]]
+    # C used the first articles of this seeded order; the last ones are held out (as in the notebook)
+    texts = list(layer_stats.texts("bbc", model, tok, seed=0))[-args.n_texts:]
     gen_prompts = [f.prompt for f in test[:args.n_gen]]
 
     rows = memit.sequential_vs_batch(model, tok, test, counts, Cs, hp, rome_hp, texts, gen_prompts,
                                      args.gen_tokens, verbose=True)
     summary = [{"method": r["method"], "n": r["n"], "seconds": r["seconds"],
-                **{m: memit.bootstrap_interval(r[m], seed=args.seed) for m in METRICS}} for r in rows]
+                **{m: _interval(r[m], args.seed) for m in METRICS}} for r in rows]
     out = {"args": vars(args), "layers": list(hp.layers), "rome_layer": rome_hp.layer,
            "n_known": len(known), "n_test_distinct": len(test), "threads": args.threads,
            "machine": platform.platform(), "wall_seconds": time.perf_counter() - start,

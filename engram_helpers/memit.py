@@ -1,23 +1,28 @@
 """Mass-Editing Memory in a Transformer (MEMIT; Meng et al. 2023), step by step.
 
 ROME writes one fact into one layer. MEMIT writes a *batch* of facts into a *range* of critical layers
-``R = (l_1, ..., l_L)`` at once, in five inspectable steps::
+``R = (l_1, ..., l_L)`` at once. A request is a :class:`~engram_helpers.query.Query` whose ``target`` is
+the new object (``fact.query(fact.target_new)``). Five inspectable steps::
 
-    z = compute_targets(model, tok, facts, layers[-1], hp.value)      # z_i at the last layer: [n, d_model]
+    qs = [f.query(f.target_new) for f in facts]
+    z = compute_targets(model, tok, qs, layers[-1], hp.value)         # z_i at the last layer: [n, d_model]
     for i, l in enumerate(layers):                                      # from the lowest layer up
-        K = compute_keys(model, tok, facts, l)                           # keys k_i at layer l: [n, d_mlp]
-        h = subject_residual(model, tok, facts, layers[-1])              # what layer l_L now outputs: [n, d_model]
+        K = compute_keys(model, tok, qs, l, prefixes)                    # keys k_i at layer l: [n, d_mlp]
+        h = subject_residual(model, tok, qs, layers[-1])                 # what layer l_L now outputs: [n, d_model]
         R = spread_residual(z.z, h, i, len(layers))                      # (z − h) / (layers left): [n, d_model]
         dW = batch_update(K, R, C[l], hp.mom2_update_weight)             # R Kᵀ (λ C + K Kᵀ)⁻¹: [d_model, d_mlp]
         write dW into layer l                                            # later layers see this change
 
-:func:`apply_memit` does all of it and returns a :class:`MemitEdit` whose ``undo()`` restores every
-weight bit for bit. ``C`` is E[k kᵀ] at each layer (:func:`engram_helpers.rome.second_moments`); MEMIT
-weights it by λ (the paper code's ``mom2_update_weight``).
+:func:`apply_memit` does all of it and returns one :class:`~engram_helpers.weights.WeightChange` (label
+``"memit"``) over every critical layer; ``undo()`` restores every weight bit for bit, and ``.info`` holds
+the per-layer ``deltas``, the ``targets`` and a ``log``. ``C`` is E[k kᵀ] at each layer
+(:func:`engram_helpers.layer_stats.second_moments`); MEMIT weights it by λ (the paper code's
+``mom2_update_weight``).
 
 The value z of a fact is the residual stream after the last critical layer at the subject's last token,
 plus the vector δ that ROME's value optimization finds when it adds δ to that layer's MLP output (adding δ
 to the MLP output *is* adding it to the layer's output, since the MLP output is summed into the residual).
+Subject positions come from the query's template (:func:`engram_helpers.query.subject_last`).
 """
 
 from __future__ import annotations
@@ -26,39 +31,30 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from . import weights
+from .evaluation import score_edit
 from .forgetting import next_token_accuracy
 from .hooks import trace
-from .models import DEFAULT_MODEL, answer_ids, arch, encode
-
-# Everything this module takes from ROME, in one place (rome.py is being split; change only these lines).
+from .layer_stats import SecondMoment
+from .models import answer_ids, arch, encode, model_id, sample_text
+from .query import Query, contexts, subject_last
 from .rome import (
-    EditHandle,
     HParams,
-    SecondMoment,
     apply_rome,
-    apply_update,
+    compute_key,
     compute_value,
     context_prefixes,
     mlp_keys,
-    sample_text,
-    score_edit,
-    subject_last_index,
+    weight_delta,
+    with_settings,
 )
-from .rome import default_hparams as rome_default_hparams
-
-
-class Request(Protocol):
-    """What an edit needs: a prompt that contains the subject, and the new object (a ``data.Fact`` is one)."""
-
-    prompt: str
-    subject: str
-    target_new: str
+from .rome import hparams_for as rome_hparams_for
 
 
 @dataclass(frozen=True)
@@ -68,77 +64,87 @@ class MemitHParams:
     ``layers``: the critical layers, increasing (the value z is set at the last). ``mom2_update_weight``:
     λ, the weight of the key statistics C against the new keys (larger: smaller, more conservative
     changes). ``value``: ROME's settings for the optimization of δ (steps, learning rate, weight decay, KL
-    factor, clamp factor, context prefixes); its ``layer`` is ignored.
+    factor, clamp factor, context prefixes, the text for C); its ``layer`` is set to ``layers[-1]``.
     """
 
     layers: tuple[int, ...]
     mom2_update_weight: float
     value: HParams
 
+    def __post_init__(self) -> None:
+        if self.layers and self.value.layer != self.layers[-1]:
+            object.__setattr__(self, "value", with_settings(self.value, layer=self.layers[-1]))
+
 
 PAPER_GPT_J = MemitHParams(layers=(3, 4, 5, 6, 7, 8), mom2_update_weight=15_000.0,
                            value=HParams(layer=8, v_steps=25, v_lr=0.5, v_weight_decay=0.5, kl_factor=0.0625,
                                          clamp_factor=0.75, n_prefixes=5, prefix_len=10, cov_tokens=100_000,
-                                         cov_source="wikitext"))
+                                         cov_source="wikitext", status="paper"))
 """The paper code's settings for GPT-J 6B (``hparams/MEMIT/EleutherAI_gpt-j-6B.json``): layers 3–8,
 λ = 15,000, 25 Adam steps at lr 0.5, weight decay 0.5, KL factor 0.0625, clamp 0.75 (of the residual's
 norm; ROME's value code here clamps relative to the MLP output's norm instead), C from 100,000 Wikipedia
 samples (here: ``cov_tokens`` tokens). For reference only: GPT-J does not run offline in this course."""
 
-DEFAULT_HPARAMS = MemitHParams(layers=(1, 2, 3, 4), mom2_update_weight=1_000.0,
-                               value=HParams(layer=4, v_steps=20, v_lr=0.5, v_weight_decay=0.5, kl_factor=0.0625,
-                                             clamp_factor=4.0, nll_stop=0.05, n_prefixes=3, prefix_len=10))
-"""Settings for the offline default model (SmolLM2-135M): layers 1–4, where its MLP indirect effect at
-the subject's last token is strong (``book/retrieval.md``), ending at ROME's layer 4. λ chosen on the
-development facts in ``notebooks/consolidation.ipynb``."""
+DEFAULT_LAYERS, DEFAULT_LAMBDA = (1, 2, 3, 4), 1_000.0
+"""The offline default model's (SmolLM2-135M) critical layers, where its MLP indirect effect at the
+subject's last token is strong (``book/retrieval.md``), ending at ROME's layer 4, and its λ."""
 
 
-def default_hparams(model: nn.Module) -> MemitHParams:
-    """The settings for ``model``: tuned ones for the offline default, else five layers ending at ROME's layer."""
-    rome_hp = rome_default_hparams(model)
-    if getattr(model.config, "_name_or_path", "").rstrip("/").endswith(DEFAULT_MODEL):
-        return DEFAULT_HPARAMS
-    top = max(rome_hp.layer, 1)
-    return MemitHParams(layers=tuple(range(max(0, top - 4), top + 1)), mom2_update_weight=DEFAULT_HPARAMS.mom2_update_weight,
-                        value=DEFAULT_HPARAMS.value)
+def hparams_for(model: nn.Module) -> MemitHParams:
+    """The settings for ``model``: the value settings are ROME's (:func:`engram_helpers.rome.hparams_for`);
+    the critical layers are 1–4 for the offline default model, else the (up to) five layers ending at
+    ROME's layer; λ = 1,000."""
+    rome_hp = rome_hparams_for(model)
+    name = model_id(model).rstrip("/").split("/")[-1].lower()
+    layers: tuple[int, ...]
+    if name.startswith("smollm2-135m") and rome_hp.layer == DEFAULT_LAYERS[-1]:
+        layers = DEFAULT_LAYERS
+    else:
+        top = max(rome_hp.layer, 1)
+        layers = tuple(range(max(0, top - 4), top + 1))
+    return MemitHParams(layers=layers, mom2_update_weight=DEFAULT_LAMBDA, value=rome_hp)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Checking the input
 
 
-def check_requests(requests: Sequence[Request]) -> None:
-    """Raise ValueError for an empty batch, a subject missing from its prompt, or one subject with two targets.
+def requests_for(facts: Sequence) -> list[Query]:
+    """Edit requests for facts: ``[fact.query(fact.target_new), ...]``."""
+    return [f.query(f.target_new) for f in facts]
+
+
+def check_requests(requests: Sequence[Query]) -> None:
+    """Raise for an empty batch, a request that is not a Query with a target, or one subject with two targets.
 
     Two requests with the same subject read (nearly) the same key at the subject's last token, so a batch
     that asks for two different new objects would get their least-squares average.
     """
     if not requests:
-        raise ValueError("The batch is empty: pass at least one fact, e.g. data.known_facts(model, tok)[:10].")
+        raise ValueError("The batch is empty: pass at least one request, e.g. memit.requests_for(facts[:10]).")
     targets: dict[str, str] = {}
     for r in requests:
-        if r.subject not in r.prompt:
-            raise ValueError(f"The subject {r.subject!r} does not occur in the prompt {r.prompt!r}: give the "
-                             f"subject exactly as written in the prompt.")
-        if not r.target_new or not r.target_new.strip():
-            raise ValueError(f"The new object for {r.subject!r} is empty: give a word, e.g. 'Rome'.")
-        old = targets.setdefault(r.subject, r.target_new)
-        if old != r.target_new:
+        if not isinstance(r, Query):
+            raise TypeError(f"A request must be a Query, got {type(r).__name__}: use fact.query(fact.target_new) "
+                            f"or memit.requests_for(facts).")
+        new = r.require_target()
+        old = targets.setdefault(r.subject, new)
+        if old != new:
             raise ValueError(f"The subject {r.subject!r} appears twice with different new objects ({old!r} and "
-                             f"{r.target_new!r}): both read the same key, so edit them in separate batches.")
+                             f"{new!r}): both read the same key, so edit them in separate batches.")
 
 
 def check_layers(model: nn.Module, layers: Sequence[int]) -> tuple[int, ...]:
     """The critical layers as a tuple; raises if empty, not strictly increasing, out of range, or ending at
     the model's last layer."""
-    layers = tuple(int(l) for l in layers)
+    layers = tuple(int(layer) for layer in layers)
     if not layers:
         raise ValueError("No critical layers: give at least one, e.g. layers=(1, 2, 3, 4).")
     if any(b <= a for a, b in zip(layers, layers[1:])):
         raise ValueError(f"The critical layers {layers} must be strictly increasing (the value is set at the last).")
     a = arch(model)
-    for l in layers:
-        a.mlp_out_name(l)  # IndexError naming the valid range
+    for layer in layers:
+        a.mlp_out_name(layer)  # IndexError naming the valid range
     if layers[-1] == a.n_layers - 1:
         raise ValueError(f"The last critical layer {layers[-1]} is the model's last layer: a change there at the "
                          f"subject's token cannot reach the tokens after it (no attention follows). Use lower layers.")
@@ -149,19 +155,17 @@ def check_layers(model: nn.Module, layers: Sequence[int]) -> tuple[int, ...]:
 # Step 1: keys
 
 
-def compute_keys(model: nn.Module, tokenizer, requests: Sequence[Request], layer: int,
+def compute_keys(model: nn.Module, tok, requests: Sequence[Query], layer: int,
                  prefixes: Sequence[str] = ()) -> torch.Tensor:
     """Each request's key at ``layer``: the MLP output projection's input at the subject's last token,
-    averaged over the bare prompt and the prompt after each context prefix. Returns [n, d_mlp].
-
-    All prompts run in one batched forward pass.
+    averaged over the query alone and after each context prefix (:func:`~engram_helpers.query.contexts`),
+    as ROME's :func:`~engram_helpers.rome.compute_key`. Returns [n, d_mlp]; one batched forward pass.
     """
-    contexts = ["{}"] + [p + ". {}" for p in prefixes]
-    texts = [c.format(r.prompt) for r in requests for c in contexts]
-    idx = [subject_last_index(tokenizer, t, r.subject) for r in requests for t in
-           (c.format(r.prompt) for c in contexts)]
-    keys = mlp_keys(model, tokenizer, texts, idx, layer)  # [n * n_contexts, d_mlp]
-    return keys.reshape(len(requests), len(contexts), -1).mean(dim=1)
+    check_requests(requests)
+    n_ctx = 1 + len(prefixes)
+    qs = [c for r in requests for c in contexts(r, list(prefixes))]
+    keys = mlp_keys(model, tok, qs, layer)  # [n * n_ctx, d_mlp]
+    return keys.reshape(len(requests), n_ctx, -1).mean(dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,16 +173,16 @@ def compute_keys(model: nn.Module, tokenizer, requests: Sequence[Request], layer
 
 
 @torch.no_grad()
-def subject_residual(model: nn.Module, tokenizer, requests: Sequence[Request], layer: int) -> torch.Tensor:
+def subject_residual(model: nn.Module, tok, requests: Sequence[Query], layer: int) -> torch.Tensor:
     """The residual stream after ``layer`` (the decoder block's output) at the subject's last token of each
-    bare prompt. Returns [n, d_model]."""
+    bare query. Returns [n, d_model]."""
     device = next(model.parameters()).device
-    prompts = [r.prompt for r in requests]
-    batch, _ = encode(tokenizer, prompts, device)
-    idx = torch.tensor([subject_last_index(tokenizer, r.prompt, r.subject) for r in requests], device=device)
+    batch, _ = encode(tok, [r.prompt for r in requests], device)
+    idx = torch.tensor([subject_last(tok, r) for r in requests], device=device)
     with trace(model, arch(model).layer_name(layer)) as t:
         model(**batch)
-    return t.output[torch.arange(len(prompts), device=device), idx].float()
+    assert t.output is not None
+    return t.output[torch.arange(len(requests), device=device), idx].float()
 
 
 @dataclass
@@ -201,22 +205,26 @@ class Targets:
         return Targets(self.z[i], self.delta[i], self.p_new[i], self.layer)
 
 
-def compute_targets(model: nn.Module, tokenizer, requests: Sequence[Request], layer: int,
-                    value_hparams: HParams, seed: int = 0) -> Targets:
-    """For each request, ROME's value optimization at ``layer``: a vector δ added to that layer's output at
-    the subject's last token so that the new object follows the prompt (after every context prefix); then
-    z = (unedited residual after ``layer``) + δ. Requests are optimized one at a time (they are independent).
+def compute_targets(model: nn.Module, tok, requests: Sequence[Query], layer: int,
+                    value_hparams: HParams, prefixes: Sequence[str] | None = None, seed: int = 0) -> Targets:
+    """For each request, ROME's value optimization at ``layer`` (:func:`~engram_helpers.rome.compute_value`):
+    a vector δ added to that layer's output at the subject's last token so that the target follows the
+    query (alone and after every context prefix); then z = (unedited residual after ``layer``) + δ.
+    ``prefixes``: default ``context_prefixes`` with the value settings' count and length. Requests are
+    optimized one at a time (they are independent).
     """
     check_requests(requests)
-    prefixes = context_prefixes(model, tokenizer, value_hparams.n_prefixes, value_hparams.prefix_len)
+    hp = with_settings(value_hparams, layer=layer)
+    if prefixes is None:
+        prefixes = context_prefixes(model, tok, hp.n_prefixes, hp.prefix_len)
     deltas, p_new = [], []
     for r in requests:
-        val = compute_value(model, tokenizer, r.prompt, r.subject, r.target_new, layer, hparams=value_hparams,
-                            prefixes=prefixes, seed=seed)
-        deltas.append(val.delta.float().cpu())
+        key = compute_key(model, tok, r, layer, prefixes)
+        val = compute_value(model, tok, r, key, hp, prefixes, seed=seed)
+        deltas.append(val.delta.detach().float().cpu())
         p_new.append(val.p_new)
     delta = torch.stack(deltas)
-    z = subject_residual(model, tokenizer, requests, layer).cpu() + delta
+    z = subject_residual(model, tok, requests, layer).cpu() + delta
     return Targets(z=z, delta=delta, p_new=torch.tensor(p_new), layer=layer)
 
 
@@ -233,7 +241,8 @@ def spread_residual(z: torch.Tensor, current: torch.Tensor, index: int, n_layers
     if not 0 <= index < n_layers:
         raise ValueError(f"index must be in 0..{n_layers - 1}, got {index}.")
     if z.shape != current.shape:
-        raise ValueError(f"z {tuple(z.shape)} and current {tuple(current.shape)} must have the same shape [n, d_model].")
+        raise ValueError(f"z {tuple(z.shape)} and current {tuple(current.shape)} must have the same shape "
+                         f"[n, d_model].")
     return (z - current) / (n_layers - index)
 
 
@@ -267,39 +276,6 @@ def batch_update(keys: torch.Tensor, residuals: torch.Tensor, C: torch.Tensor, l
 # Applying and undoing
 
 
-@dataclass(eq=False)
-class MemitEdit:
-    """The per-layer changes of one MEMIT batch, applied; ``undo()`` restores every weight bit for bit.
-
-    ``handles``: one ROME :class:`EditHandle` per critical layer, lowest first; ``log``: per layer the mean
-    norm of the remaining error before the layer wrote its share (``error``) and ‖ΔW‖ (``update_norm``).
-    """
-
-    handles: list[EditHandle]
-    layers: tuple[int, ...]
-    targets: Targets
-    log: list[dict[str, float]] = field(default_factory=list)
-
-    @property
-    def active(self) -> bool:
-        return any(h.active for h in self.handles)
-
-    def deltas(self) -> dict[int, torch.Tensor]:
-        """ΔW per critical layer: ``{layer: [d_model, d_mlp]}``."""
-        return {h.layer: h.delta for h in self.handles}
-
-    def undo(self) -> None:
-        """Restore the weights as they were before this batch (most recent layer first)."""
-        for h in reversed(self.handles):
-            h.undo()
-
-    def __enter__(self) -> "MemitEdit":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.undo()
-
-
 def _as_matrix(C, layer: int) -> torch.Tensor:
     if isinstance(C, SecondMoment):
         if C.layer != layer:
@@ -310,45 +286,58 @@ def _as_matrix(C, layer: int) -> torch.Tensor:
     raise TypeError(f"C for layer {layer} must be a SecondMoment or a [d_mlp, d_mlp] tensor.")
 
 
-def apply_memit(model: nn.Module, tokenizer, requests: Sequence[Request], Cs: dict,
+def apply_memit(model: nn.Module, tok, requests: Sequence[Query], Cs: dict,
                 hparams: MemitHParams | None = None, targets: Targets | None = None,
-                verbose: bool = False) -> MemitEdit:
-    """Write all ``requests`` into the critical layers at once (MEMIT). Returns a :class:`MemitEdit`.
+                verbose: bool = False) -> weights.WeightChange:
+    """Write all ``requests`` into the critical layers at once (MEMIT).
 
-    ``Cs``: ``{layer: SecondMoment or [d_mlp, d_mlp] tensor}`` for every critical layer. ``targets``: from
-    :func:`compute_targets` on the *unedited* model (pass them to reuse one optimization for several
-    batches; ``targets.select``); computed here if None.
+    ``Cs``: ``{layer: SecondMoment or [d_mlp, d_mlp] tensor}`` for every critical layer
+    (:func:`engram_helpers.layer_stats.second_moments`). ``targets``: from :func:`compute_targets` on the
+    *unedited* model (pass them to reuse one optimization for several batches; ``targets.select``);
+    computed here if None. Returns one :class:`~engram_helpers.weights.WeightChange` (label ``"memit"``)
+    over all critical layers; ``.undo()`` restores them bit for bit; ``.info`` holds ``layers``,
+    ``deltas`` (``{layer: ΔW [d_model, d_mlp]}``), ``targets`` and ``log`` (per layer the mean norm of the
+    remaining error before the layer wrote its share, ``error``, and ‖ΔW‖, ``update_norm``).
     """
     check_requests(requests)
-    hp = hparams or default_hparams(model)
+    hp = hparams or hparams_for(model)
     layers = check_layers(model, hp.layers)
-    missing = [l for l in layers if l not in Cs]
+    missing = [layer for layer in layers if layer not in Cs]
     if missing:
-        raise ValueError(f"No key statistics C for layers {missing}: pass rome.second_moments(model, tok, {list(layers)}).")
+        raise ValueError(f"No key statistics C for layers {missing}: pass "
+                         f"layer_stats.second_moments(model, tok, {list(layers)}).")
     for r in requests:
-        answer_ids(tokenizer, r.target_new)
+        answer_ids(tok, r.require_target())
     if targets is None:
-        targets = compute_targets(model, tokenizer, requests, layers[-1], hp.value)
+        targets = compute_targets(model, tok, requests, layers[-1], hp.value)
     if targets.layer != layers[-1] or targets.z.shape[0] != len(requests):
         raise ValueError(f"The targets are for layer {targets.layer} and {targets.z.shape[0]} requests, but the "
                          f"batch has {len(requests)} requests and its last critical layer is {layers[-1]}.")
-    prefixes = context_prefixes(model, tokenizer, hp.value.n_prefixes, hp.value.prefix_len)
-    edit = MemitEdit([], layers, targets)
+    prefixes = context_prefixes(model, tok, hp.value.n_prefixes, hp.value.prefix_len)
+    steps: list[weights.WeightChange] = []   # one per layer while the layers are computed (later ones see them)
+    deltas: dict[int, torch.Tensor] = {}
+    log: list[dict[str, float]] = []
     try:
-        for i, l in enumerate(layers):
-            K = compute_keys(model, tokenizer, requests, l, prefixes)
-            current = subject_residual(model, tokenizer, requests, layers[-1]).cpu()
+        for i, layer in enumerate(layers):
+            K = compute_keys(model, tok, requests, layer, prefixes)
+            current = subject_residual(model, tok, requests, layers[-1]).cpu()
             R = spread_residual(targets.z, current, i, len(layers))
-            dW = batch_update(K.cpu(), R, _as_matrix(Cs[l], l).cpu(), hp.mom2_update_weight)
-            edit.handles.append(apply_update(model, l, dW, info={"memit_layer_index": i}))
-            edit.log.append({"layer": l, "error": float((targets.z - current).norm(dim=1).mean()),
-                             "update_norm": float(dW.norm())})
+            dW = batch_update(K.cpu(), R, _as_matrix(Cs[layer], layer).cpu(), hp.mom2_update_weight)
+            deltas[layer] = dW
+            steps.append(weights.add(model, weight_delta(model, layer, dW), label="memit-step"))
+            log.append({"layer": layer, "error": float((targets.z - current).norm(dim=1).mean()),
+                        "update_norm": float(dW.norm())})
             if verbose:
-                print(f"layer {l}: remaining error {edit.log[-1]['error']:.2f}, ‖ΔW‖ {edit.log[-1]['update_norm']:.3f}")
-    except BaseException:
-        edit.undo()
-        raise
-    return edit
+                print(f"layer {layer}: remaining error {log[-1]['error']:.2f}, ‖ΔW‖ {log[-1]['update_norm']:.3f}")
+    finally:
+        for step in reversed(steps):
+            step.undo()
+    # The same sums written again as one change (W + ΔW is computed exactly as in the steps above).
+    params: weights.Params = {}
+    for layer, dW in deltas.items():
+        params.update(weight_delta(model, layer, dW))
+    info = {"requests": list(requests), "layers": layers, "deltas": deltas, "targets": targets, "log": log}
+    return weights.add(model, params, label="memit", info=info)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -389,52 +378,38 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
     return sum(parts) / len(parts)
 
 
-def bootstrap_interval(values: Sequence[float], n_boot: int = 2000, level: float = 0.95,
-                       seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``values`` and a percentile bootstrap interval (resampling the values with replacement).
-
-    Returns ``(mean, low, high)``; with one value the interval is that value.
-    """
-    x = torch.as_tensor(list(values), dtype=torch.float64)
-    if x.numel() == 0:
-        raise ValueError("No values to bootstrap: give at least one.")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, x.numel(), (n_boot, x.numel()), generator=g)
-    means = x[idx].mean(dim=1)
-    a = (1 - level) / 2
-    return float(x.mean()), float(means.quantile(a)), float(means.quantile(1 - a))
-
-
-def score_facts(model: nn.Module, tokenizer, facts: Sequence) -> dict[str, list[float]]:
-    """Per fact, CounterFact-style (whole-answer probabilities): ``efficacy`` (1 if the new object beats
-    the true one on the prompt), ``paraphrase`` (share of paraphrases where it does), ``neighbourhood``
-    (share of neighbourhood prompts that still prefer the true object). Lists of length len(facts)."""
+def score_facts(model: nn.Module, tok, facts: Sequence) -> dict[str, list[float]]:
+    """Per fact, CounterFact-style win rates (:func:`engram_helpers.evaluation.score_edit`, whole-answer
+    probabilities): ``efficacy`` (1 if the new object beats the true one on the prompt), ``paraphrase``
+    (share of paraphrases where it does), ``neighbourhood`` (share of neighbourhood prompts that still
+    prefer the true object). Lists of length len(facts); average them with ``evaluation.bootstrap``."""
     out: dict[str, list[float]] = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
     for f in facts:
-        s = score_edit(model, tokenizer, f)
+        s = score_edit(model, tok, f)
         for k in out:
-            out[k].append(s[k][0] / s[k][1] if s[k][1] else float("nan"))
+            out[k].append(s[k])
     return out
 
 
-def general_ability(model: nn.Module, tokenizer, texts: Sequence[str], gen_prompts: Sequence[str],
+def general_ability(model: nn.Module, tok, texts: Sequence[str], gen_prompts: Sequence[str],
                     gen_tokens: int = 30, max_tokens: int = 48, seed: int = 0) -> dict[str, list[float]]:
     """``accuracy``: next-token top-1 accuracy on each text (its first ``max_tokens`` tokens);
     ``entropy``: :func:`ngram_entropy` of a top-5 sampled continuation (seeded) of each generation prompt."""
-    acc = [next_token_accuracy(model, tokenizer, [t], max_tokens=max_tokens) for t in texts]
+    acc = [next_token_accuracy(model, tok, [t], max_tokens=max_tokens) for t in texts]
     ent = []
     for i, p in enumerate(gen_prompts):
         g = torch.Generator().manual_seed(seed + i)
-        ent.append(ngram_entropy(p + sample_text(model, tokenizer, p, gen_tokens, top_k=5, generator=g)))
+        ent.append(ngram_entropy(p + sample_text(model, tok, p, gen_tokens, top_k=5, generator=g)))
     return {"accuracy": acc, "entropy": ent}
 
 
-def sequential_vs_batch(model: nn.Module, tokenizer, facts: Sequence, counts: Sequence[int], Cs: dict,
+def sequential_vs_batch(model: nn.Module, tok, facts: Sequence, counts: Sequence[int], Cs: dict,
                         hparams: MemitHParams, rome_hparams: HParams, texts: Sequence[str],
                         gen_prompts: Sequence[str], gen_tokens: int = 30, targets: Targets | None = None,
                         verbose: bool = False) -> list[dict]:
-    """Edit the first n facts for each n in ``counts``, (a) one after another with ROME (the edits
-    accumulate; scores taken when n edits are in) and (b) as one MEMIT batch (undone before the next n).
+    """Edit the first n facts toward their ``target_new`` for each n in ``counts``, (a) one after another
+    with ROME (the edits accumulate; scores taken when n edits are in) and (b) as one MEMIT batch (undone
+    before the next n).
 
     Returns one row per (method, n), plus ``("unedited", 0)``: the per-fact lists of :func:`score_facts`
     over the first n facts (all facts for the unedited model), the per-text/per-prompt lists of
@@ -444,13 +419,14 @@ def sequential_vs_batch(model: nn.Module, tokenizer, facts: Sequence, counts: Se
     if not counts or counts[0] < 1 or counts[-1] > len(facts):
         raise ValueError(f"counts must lie in 1..{len(facts)} (the number of facts), got {counts}.")
     facts = list(facts[:counts[-1]])
-    check_requests(facts)
+    requests = requests_for(facts)
+    check_requests(requests)
     if rome_hparams.layer not in Cs:
         raise ValueError(f"No C for ROME's layer {rome_hparams.layer}: add it to Cs.")
 
     def row(method: str, n: int, seconds: float, scored: Sequence) -> dict:
-        r = {"method": method, "n": n, "seconds": seconds, **score_facts(model, tokenizer, scored),
-             **general_ability(model, tokenizer, texts, gen_prompts, gen_tokens)}
+        r: dict[str, Any] = {"method": method, "n": n, "seconds": seconds, **score_facts(model, tok, scored),
+             **general_ability(model, tok, texts, gen_prompts, gen_tokens)}
         if verbose:
             print(f"{method:9} n={n:3}: efficacy {sum(r['efficacy']) / len(r['efficacy']):.2f}, neighbourhood "
                   f"{sum(r['neighbourhood']) / len(r['neighbourhood']):.2f}, accuracy "
@@ -461,41 +437,25 @@ def sequential_vs_batch(model: nn.Module, tokenizer, facts: Sequence, counts: Se
     rows = [row("unedited", 0, 0.0, facts)]
     t0 = time.perf_counter()
     if targets is None:
-        targets = compute_targets(model, tokenizer, facts, hparams.layers[-1], hparams.value)
+        targets = compute_targets(model, tok, requests, hparams.layers[-1], hparams.value)
     t_targets = time.perf_counter() - t0
     for n in counts:
         t = time.perf_counter()
-        with apply_memit(model, tokenizer, facts[:n], Cs, hparams, targets=targets.select(range(n))):
+        with apply_memit(model, tok, requests[:n], Cs, hparams, targets=targets.select(range(n))):
             rows.append(row("memit", n, t_targets * n / len(facts) + time.perf_counter() - t, facts[:n]))
-    handles: list[EditHandle] = []
+    changes: list[weights.WeightChange] = []
     spent = 0.0
     try:
-        for i, f in enumerate(facts):
+        for i, q in enumerate(requests):
             t = time.perf_counter()
-            handles.append(apply_rome(model, tokenizer, f.prompt, f.subject, f.target_new, hparams=rome_hparams,
-                                      C=Cs[rome_hparams.layer]))
+            changes.append(apply_rome(model, tok, q, hparams=rome_hparams, C=Cs[rome_hparams.layer]))
             spent += time.perf_counter() - t
             if i + 1 in counts:
                 rows.append(row("rome_seq", i + 1, spent, facts[:i + 1]))
     finally:
-        for h in reversed(handles):
-            h.undo()
+        for c in reversed(changes):
+            c.undo()
     return rows
-
-
-def splits(facts: Sequence) -> dict[int, str]:
-    """``{fact id: "dev" or "test"}``: a record's ``split`` field where it has one; records without one
-    alternate dev/test within their relation, in file order (the rule the new records follow)."""
-    out: dict[int, str] = {}
-    count: dict[str, int] = {}
-    for f in facts:
-        if getattr(f, "split", ""):
-            out[f.id] = f.split
-        else:
-            i = count.get(f.relation, 0)
-            count[f.relation] = i + 1
-            out[f.id] = "dev" if i % 2 == 0 else "test"
-    return out
 
 
 def edit_order(facts: Sequence) -> list:

@@ -284,7 +284,11 @@ def install_cell_source(course: Course, packages: list[str], url: str | None = N
 # On Colab it installs the course library at its released version and the model and data packages this
 # notebook needs; anywhere, it stops with what to do if one of them is missing.
 def _engram_setup():
-    import importlib, importlib.util, subprocess, sys
+    import importlib
+    import importlib.util
+    import subprocess
+    import sys
+
     if "google.colab" in sys.modules:
         for args in {json.dumps(installs)}:
             done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", *args], capture_output=True, text=True)

@@ -7,21 +7,15 @@ tokenizer (as tests/test_tracing.py does).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from engram_helpers import memit, rome
+from engram_helpers import memit, rome, weights
 from engram_helpers.models import _converted_dir, load_model, mlp_out_weight
-
-
-@dataclass(frozen=True)
-class Req:
-    prompt: str
-    subject: str
-    target_new: str
+from engram_helpers.query import Query
 
 
 def _problem(seed=0, n=3, d_out=6, d_in=9):
@@ -118,9 +112,9 @@ def tiny():
     return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
-REQS = [Req("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome"),
-        Req("Big Ben is located in the city of", "Big Ben", "Berlin"),
-        Req("The capital of Japan is", "Japan", "Madrid")]
+REQS = [Query("The {} is located in the city of", "Eiffel Tower", "Rome"),
+        Query("{} is located in the city of", "Big Ben", "Berlin"),
+        Query("The capital of {} is", "Japan", "Madrid")]
 
 
 def _hp(layers=(1, 2), lam=1.0):
@@ -130,14 +124,14 @@ def _hp(layers=(1, 2), lam=1.0):
 
 def _identity_Cs(model, layers):
     d = mlp_out_weight(model, 0).shape[1]
-    return {l: torch.eye(d) for l in layers}
+    return {layer: torch.eye(d) for layer in layers}
 
 
 def test_keys_and_residuals_have_the_documented_shapes(tiny, tok, tmp_path, monkeypatch):
     monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path))
     K = memit.compute_keys(tiny, tok, REQS, 1, ["I think", "The day"])
     assert K.shape == (3, 48)
-    alone = rome.compute_key(tiny, tok, REQS[1].prompt, REQS[1].subject, 1, ["I think", "The day"])
+    alone = rome.compute_key(tiny, tok, REQS[1], 1, ["I think", "The day"])
     assert torch.allclose(K[1], alone, atol=1e-5), "batched keys must equal ROME's key of each fact"
     h = memit.subject_residual(tiny, tok, REQS, 2)
     assert h.shape == (3, 32)
@@ -165,10 +159,13 @@ def test_undo_restores_every_weight_bit_for_bit(tiny, tok, tmp_path, monkeypatch
     before = {n: p.detach().clone() for n, p in tiny.named_parameters()}
     hp = _hp(layers=(0, 2))
     edit = memit.apply_memit(tiny, tok, REQS, _identity_Cs(tiny, hp.layers), hp)
-    assert set(edit.deltas()) == {0, 2}
-    for l in (0, 2):
-        assert not torch.equal(mlp_out_weight(tiny, l), before[f"model.layers.{l}.mlp.down_proj.weight"])
-    assert [e["layer"] for e in edit.log] == [0, 2]
+    assert isinstance(edit, weights.WeightChange) and edit.label == "memit"
+    assert weights.active_changes(tiny) == [edit], "one change for the whole batch over all layers"
+    assert set(edit.info["deltas"]) == {0, 2}
+    assert edit.names == ["model.layers.0.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
+    for layer in (0, 2):
+        assert not torch.equal(mlp_out_weight(tiny, layer), before[f"model.layers.{layer}.mlp.down_proj.weight"])
+    assert [e["layer"] for e in edit.info["log"]] == [0, 2]
     edit.undo()
     edit.undo()  # a second undo does nothing
     assert not edit.active
@@ -180,8 +177,8 @@ def test_the_error_shrinks_layer_by_layer(tiny, tok, tmp_path, monkeypatch):
     monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path))
     hp = _hp(layers=(0, 1, 2), lam=1e-3)
     with memit.apply_memit(tiny, tok, REQS, _identity_Cs(tiny, hp.layers), hp) as edit:
-        errors = [e["error"] for e in edit.log]
-        after = (memit.subject_residual(tiny, tok, REQS, 2) - edit.targets.z).norm(dim=1).mean()
+        errors = [e["error"] for e in edit.info["log"]]
+        after = (memit.subject_residual(tiny, tok, REQS, 2) - edit.info["targets"].z).norm(dim=1).mean()
     assert after < errors[0], (errors, float(after))
 
 
@@ -191,9 +188,11 @@ def test_bad_input_errors_clearly(tiny, tok):
     with pytest.raises(ValueError, match="empty"):
         memit.apply_memit(tiny, tok, [], Cs, hp)
     with pytest.raises(ValueError, match="different new objects"):
-        memit.apply_memit(tiny, tok, [REQS[0], replace(REQS[0], target_new="Paris")], Cs, hp)
-    with pytest.raises(ValueError, match="does not occur"):
-        memit.apply_memit(tiny, tok, [Req("The capital of Japan is", "France", "Rome")], Cs, hp)
+        memit.apply_memit(tiny, tok, [REQS[0], REQS[0].with_target("Paris")], Cs, hp)
+    with pytest.raises(TypeError, match="must be a Query"):
+        memit.apply_memit(tiny, tok, ["The capital of Japan is"], Cs, hp)
+    with pytest.raises(ValueError, match="no target"):
+        memit.apply_memit(tiny, tok, [REQS[0].with_target(None)], Cs, hp)
     with pytest.raises(IndexError, match="layers 0..3"):
         memit.apply_memit(tiny, tok, REQS, Cs, _hp(layers=(2, 4)))
     with pytest.raises(ValueError, match="strictly increasing"):
@@ -216,6 +215,7 @@ def test_bad_input_errors_clearly(tiny, tok):
         memit.apply_memit(tiny, tok, REQS, {1: Cs[1], 2: torch.eye(5)}, hp,
                           targets=memit.Targets(torch.zeros(3, 32), torch.zeros(3, 32), torch.zeros(3), 2))
     assert torch.equal(mlp_out_weight(tiny, 1), before)
+    assert weights.active_changes(tiny) == []
 
 
 # ------------------------------------------------------------------------------------ real model (slow)
@@ -224,15 +224,15 @@ def test_bad_input_errors_clearly(tiny, tok):
 @pytest.mark.slow
 def test_real_batch_takes_on_the_new_objects(tmp_path):
     """Three known facts in one batch on the default model: each new object beats the true one afterwards."""
-    from engram_helpers import data
+    from engram_helpers import data, evaluation, layer_stats
 
     model, tok = load_model()
     facts = [f for f in data.known_facts(model, tok) if f.relation == "capital_of"][:3]
-    hp = memit.default_hparams(model)
-    hp = replace(hp, value=replace(hp.value, n_prefixes=1))
-    Cs = rome.second_moments(model, tok, hp.layers, n_tokens=hp.value.cov_tokens)
-    with memit.apply_memit(model, tok, facts, Cs, hp):
-        wins = [rome.score_edit(model, tok, f)["efficacy"][0] for f in facts]
+    hp = memit.hparams_for(model)
+    hp = replace(hp, value=rome.with_settings(hp.value, n_prefixes=1))
+    Cs = layer_stats.second_moments(model, tok, hp.layers, n_tokens=hp.value.cov_tokens)
+    with memit.apply_memit(model, tok, memit.requests_for(facts), Cs, hp):
+        wins = [evaluation.score_edit(model, tok, f)["efficacy"] for f in facts]
     assert sum(wins) >= 2, wins
     assert data.known_facts(model, tok, facts) == facts, "undo must bring the true objects back"
 
@@ -250,27 +250,14 @@ def test_ngram_entropy_is_zero_for_repetition_and_grows_with_variety():
     assert abs(memit.ngram_entropy(words) - (2 / 3 * math.log2(15) + 4 / 3 * math.log2(14)) / 2) < 1e-9
 
 
-def test_bootstrap_interval_brackets_the_mean_and_is_seeded():
-    vals = [0, 1, 1, 0, 1, 1, 1, 0, 1, 1]
-    m, lo, hi = memit.bootstrap_interval(vals, seed=3)
-    assert abs(m - 0.7) < 1e-12 and 0 < lo < m < hi <= 1
-    assert memit.bootstrap_interval(vals, seed=3) == (m, lo, hi)
-    assert memit.bootstrap_interval([0.5]) == (0.5, 0.5, 0.5)
-    with pytest.raises(ValueError, match="No values"):
-        memit.bootstrap_interval([])
-
-
-def test_splits_and_edit_order():
+def test_edit_order_mixes_relations_with_distinct_subjects():
     from engram_helpers import data
 
-    facts = data.load_facts()
-    split = memit.splits(facts)
-    assert set(split.values()) == {"dev", "test"}
-    assert all(split[f.id] == f.split for f in facts if f.split)
+    facts = data.facts_in_split("test")
     order = memit.edit_order(facts)
     assert len({f.subject for f in order}) == len(order)  # distinct subjects
     assert len({f.relation for f in order[:7]}) == 7        # the first facts mix the relations
-    memit.check_requests(order)
+    memit.check_requests(memit.requests_for(order))
 
 
 def test_sequential_vs_batch_rejects_bad_counts(tiny, tok):
