@@ -301,8 +301,10 @@ def _engram_setup():
         raise ModuleNotFoundError(f"Not installed: {{missing}}. On Colab: run this cell again. Elsewhere, follow the "
                                   "README: pip install -r requirements.txt; pip install --no-deps -r "
                                   "requirements-nodeps.txt; pip install --no-deps -e .")
-_engram_setup()
-import engram_helpers'''
+    importlib.import_module("engram_helpers")  # fails here, loudly, if the library cannot be imported
+
+
+_engram_setup()'''
 
 
 def links_cell_source(course: Course, notebook: str, gpu: bool) -> str:
