@@ -75,14 +75,14 @@ book: setup
 # book's execution cache (notebooks/conftest.py), so the book build that follows executes no notebook again.
 test: setup browser
 	$(PY) scripts/stamp.py --check
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -n $(JOBS) --dist loadfile -rfEs
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=3000 -n $(JOBS) --dist loadfile -rfEs
 	ENGRAM_EXPECT_CACHED=1 $(PY) -m pytest tests/test_book.py --book -rfEs
 
 unit: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n $(JOBS) --dist loadfile -rfEs
 
 notebooks: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest notebooks --nbval-lax --nbval-current-env -n $(JOBS) --dist loadfile -rfEs
+	OMP_NUM_THREADS=1 $(PY) -m pytest notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=3000 -n $(JOBS) --dist loadfile -rfEs
 
 book-test: setup
 	$(PY) -m pytest tests/test_book.py --book -rfEs
