@@ -73,7 +73,7 @@ book: setup
 
 # Unit tests and notebooks run together, two at a time with one thread each (as in CI); nbval's runs fill the
 # book's execution cache (notebooks/conftest.py), so the book build that follows executes no notebook again.
-test: setup browser
+test: setup browser lint
 	$(PY) scripts/stamp.py --check
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=3000 -n $(JOBS) --dist loadfile -rfEs
 	ENGRAM_EXPECT_CACHED=1 $(PY) -m pytest tests/test_book.py --book -rfEs

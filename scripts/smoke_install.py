@@ -10,7 +10,6 @@ holding the built wheel; the Colab rehearsal runs it too. Exit status 0 when eve
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -31,12 +30,12 @@ facts = data.load_facts()
 assert len(facts) > 10, f"only {len(facts)} facts: is facts.json in the package?"
 model, tok = load_model()
 fact = facts[0]
-result = tracing.trace_fact(model, tok, fact.prompt, fact.subject, kind="layer", n_samples=2)
+result = tracing.trace_fact(model, tok, fact.query(), kind="layer", n_samples=2)
 print(f"traced {fact.prompt!r}: {type(result).__name__}")
 
-hp = dataclasses.replace(rome.default_hparams(model), v_steps=3, n_prefixes=2, prefix_len=5)
+hp = rome.with_settings(rome.hparams_for(model), v_steps=3, n_prefixes=2, prefix_len=5)
 before = {name: p.detach().clone() for name, p in model.named_parameters()}
-handle = rome.apply_rome(model, tok, fact.prompt, fact.subject, fact.target_new, hparams=hp, C="identity")
+handle = rome.apply_rome(model, tok, fact.query(fact.target_new), hparams=hp, C="identity")
 changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
 assert len(changed) == 1, f"one ROME edit must change exactly one weight matrix, changed {changed}"
 handle.undo()

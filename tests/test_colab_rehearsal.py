@@ -120,8 +120,8 @@ def test_install_cell_imports_and_loading(colab, path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     install = stamp.install_cell_source(stamp.read_course(), stamp.notebook_packages(nb), colab["url"], colab["ref"])
     script = tmp_path / f"{path.stem}_rehearsal.py"
-    script.write_text(install + "\nprint('library from', engram_helpers.__file__)\n" + loading_code(nb)
-                      + "\nprint('rehearsal passed')\n")
+    script.write_text(install + "\nimport engram_helpers\nprint('library from', engram_helpers.__file__)\n"
+                      + loading_code(nb) + "\nprint('rehearsal passed')\n")
     done = subprocess.run([str(colab["python"]), str(script)], capture_output=True, text=True, cwd=tmp_path,
                           env=_env(colab), timeout=1800)
     assert done.returncode == 0, f"{path.name}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
