@@ -43,3 +43,16 @@ def default_model():
     from engram_helpers.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The default model's real tokenizer alone (for tiny models with a real vocabulary); converts the model once."""
+    from transformers import AutoTokenizer
+
+    from engram_helpers.models import _converted_dir, load_model
+
+    load_model()
+    t = AutoTokenizer.from_pretrained(_converted_dir(), local_files_only=True)
+    t.pad_token = t.pad_token or t.eos_token
+    return t

@@ -11,10 +11,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from engram_helpers import memit, rome, weights
-from engram_helpers.models import _converted_dir, load_model, mlp_out_weight
+from engram_helpers.models import load_model, mlp_out_weight
 from engram_helpers.query import Query
 
 
@@ -95,12 +95,6 @@ def test_pure_steps_reject_bad_shapes():
 # ------------------------------------------------------------------------- tiny model, real tokenizer
 
 
-@pytest.fixture(scope="module")
-def tok():
-    load_model()  # converts the default model once if needed, so that its tokenizer is on disk
-    t = AutoTokenizer.from_pretrained(_converted_dir(), local_files_only=True)
-    t.pad_token = t.pad_token or t.eos_token
-    return t
 
 
 @pytest.fixture()

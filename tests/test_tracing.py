@@ -7,19 +7,11 @@ uses the real default model.
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from engram_helpers import tracing
-from engram_helpers.models import _converted_dir, load_model, next_token_probs
+from engram_helpers.models import load_model, next_token_probs
 from engram_helpers.query import Query
-
-
-@pytest.fixture(scope="module")
-def tok():
-    load_model()  # converts the default model once if needed, so that its tokenizer is on disk
-    t = AutoTokenizer.from_pretrained(_converted_dir(), local_files_only=True)
-    t.pad_token = t.pad_token or t.eos_token
-    return t
 
 
 @pytest.fixture(scope="module")
