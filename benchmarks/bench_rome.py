@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engram_helpers import data, evaluation, layer_stats, rome
+from engram_helpers import data, layer_stats, rome
 from engram_helpers.hooks import trace
 from engram_helpers.models import _answer_batch, answer_ids, arch, load_model, mlp_out_weight
 from engram_helpers.query import Query, contexts, subject_last
@@ -88,7 +88,7 @@ def main() -> None:
     hp = rome.hparams_for(model)
     layer_stats.second_moment(model, tok, hp.layer, hp.cov_tokens, hp.cov_source)  # cached
     prefixes = rome.context_prefixes(model, tok, hp.n_prefixes, hp.prefix_len)
-    facts = data.known_facts(model, tok, evaluation.split_facts("dev"))[: args.facts]
+    facts = data.known_facts(model, tok, data.facts_in_split("dev"))[: args.facts]
     print(f"{len(facts)} dev facts, layer {hp.layer}, {hp.n_prefixes} prefixes, up to {hp.v_steps} steps")
     for threads in args.threads:
         torch.set_num_threads(threads)

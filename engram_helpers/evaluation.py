@@ -16,7 +16,6 @@ edited one, each with a seeded bootstrap 95% interval over facts.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -33,26 +32,6 @@ from .rome import HParams, _as_C, _prefixes, compute_key, compute_value, hparams
 WIN_RATES = ("efficacy", "paraphrase", "neighbourhood")
 MAGNITUDES = ("efficacy_mag", "paraphrase_mag", "neighbourhood_mag")
 METRICS = WIN_RATES + MAGNITUDES
-
-
-def split_facts(name: str, facts: Sequence[data.Fact] | None = None) -> list[data.Fact]:
-    """The facts of the ``"dev"`` (choose settings) or ``"test"`` (report results) split.
-
-    The split is part of the dataset (``Fact.split``, :func:`engram_helpers.data.facts_in_split`). Until every
-    record carries one, a seeded split by fact id stands in (every third fact to dev, stratified by relation):
-    the one place to swap when the dataset's split lands.
-    """
-    if name not in ("dev", "test"):
-        raise ValueError(f"Unknown split {name!r}: use 'dev' (to choose settings) or 'test' (to report results).")
-    facts = data.load_facts() if facts is None else list(facts)
-    if hasattr(data, "facts_in_split") and all(getattr(f, "split", "") in ("dev", "test") for f in facts):
-        return data.facts_in_split(name, facts)
-    dev: set[int] = set()
-    for rel in dict.fromkeys(f.relation for f in facts):
-        ids = sorted(f.id for f in facts if f.relation == rel)
-        random.Random(f"dev-split-{rel}").shuffle(ids)
-        dev.update(ids[: (len(ids) + 2) // 3])
-    return [f for f in facts if (f.id in dev) == (name == "dev")]
 
 
 def answer_probs(model: nn.Module, tok, prompts: Sequence[str], answer: str) -> np.ndarray:

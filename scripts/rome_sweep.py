@@ -62,7 +62,7 @@ def main() -> None:
     hp = rome.with_settings(rome.hparams_for(model), n_prefixes=args.prefixes)
     layers = list(range(0, model.config.num_hidden_layers, args.step))
     Cs = layer_stats.second_moments(model, tok, layers, hp.cov_tokens, hp.cov_source)
-    facts = data.known_facts(model, tok, evaluation.split_facts("test"))[: args.facts]
+    facts = data.known_facts(model, tok, data.facts_in_split("test"))[: args.facts]
     print(f"{len(facts)} test facts x {len(layers)} layers")
     t0 = time.perf_counter()
     per_layer = {}

@@ -12,13 +12,13 @@ from engram_helpers.models import answer_token_logprobs, mlp_out_weight
 
 def test_split_is_disjoint_complete_and_covers_every_relation():
     facts = data.load_facts()
-    dev, test = evaluation.split_facts("dev", facts), evaluation.split_facts("test", facts)
+    dev, test = data.facts_in_split("dev", facts), data.facts_in_split("test", facts)
     assert not {f.id for f in dev} & {f.id for f in test}
     assert len(dev) + len(test) == len(facts)
     assert {f.relation for f in dev} == {f.relation for f in test} == set(data.relations(facts))
-    assert evaluation.split_facts("dev") == dev  # seeded: the same every time
+    assert data.facts_in_split("dev") == dev  # seeded: the same every time
     with pytest.raises(ValueError, match="'dev'"):
-        evaluation.split_facts("train", facts)
+        data.facts_in_split("train", facts)
 
 
 def test_bootstrap_interval_contains_the_mean_and_is_seeded():
