@@ -352,6 +352,20 @@ for _alias in ("mistral", "qwen2", "smollm3"):
 _ARCHS["gemma3_text"] = ("gemma3", *_ARCHS["llama"][1:])
 
 
+def cache_kwargs(module: nn.Module, cache) -> dict[str, Any]:
+    """``{name: cache}`` for ``module.forward``: transformers 5.0 calls the KV cache ``past_key_values``, later 5.x
+    releases ``cache``. An unknown keyword would be swallowed by ``**kwargs`` and the cache silently ignored."""
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    if "cache" in params:
+        return {"cache": cache}
+    if "past_key_values" in params:
+        return {"past_key_values": cache}
+    raise TypeError(f"{type(module).__name__}.forward takes neither `cache` nor `past_key_values`; "
+                    "engram_helpers needs a transformers decoder model (transformers>=5.0)")
+
+
 def arch(model: nn.Module) -> Arch:
     """The :class:`Arch` of a loaded model, found from ``model.config.model_type``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)

@@ -24,7 +24,6 @@ The target string is free: to *erase* a fact, edit toward an uninformative answe
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import time
 from contextlib import contextmanager
@@ -39,7 +38,7 @@ from torch import nn
 from . import weights
 from .hooks import trace
 from .layer_stats import SecondMoment, second_moment
-from .models import answer_ids, arch, cache_file, encode, mlp_out_weight, model_id, sample_text
+from .models import answer_ids, arch, cache_file, cache_kwargs, encode, mlp_out_weight, model_id, sample_text
 from .query import Query, contexts, subject_last
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,12 +260,11 @@ def compute_value(model: nn.Module, tok, query: Query, key: torch.Tensor, hparam
 
     from transformers import DynamicCache, PretrainedConfig
 
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     cache = DynamicCache(config=cast(PretrainedConfig, model.config))
     if S > 0:  # the part that does not depend on delta, once
         with torch.no_grad():
             model(input_ids=b.prefix_ids, attention_mask=b.prefix_mask, position_ids=b.positions[:, :S],
-                  use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+                  use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
 
     torch.manual_seed(seed)
     delta = torch.zeros_like(out_init, requires_grad=True)
@@ -285,7 +283,8 @@ def compute_value(model: nn.Module, tok, query: Query, key: torch.Tensor, hparam
     for _step in range(max(1, hp.v_steps)):
         with torch.enable_grad(), trace(model, name, retain_output=False, edit_output=add_delta):
             logits = model(input_ids=b.suffix_ids, attention_mask=full_mask, position_ids=b.positions[:, S:],
-                           use_cache=True, logits_to_keep=keep, **{cache_arg: copy.deepcopy(cache)}).logits.float()
+                           use_cache=True, logits_to_keep=keep,
+                           **cache_kwargs(model, copy.deepcopy(cache))).logits.float()
             logp = torch.log_softmax(logits[:n_rw], dim=-1)                       # [n_rw, n_keep, vocab]
             rows_i = torch.arange(n_rw, device=device)[:, None]
             tok_logp = logp[rows_i, ans_idx, tgt[None, :]]                       # [n_rw, n_target]

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .hooks import get_module, trace, trace_many
-from .models import arch, encode, first_token_id
+from .models import arch, cache_kwargs, encode, first_token_id
 from .query import Query, subject_span
 
 KINDS = ("layer", "mlp", "attn")
@@ -385,7 +385,11 @@ def _corrupted_run(model, p: _Prepared):
     # The noise is added at the first layer's input with the batch widened there, so that the attention
     # mask and positions are built for one row and broadcast over all rows (see _restored_probs).
     with trace(model, a.layer_name(0), retain_output=False, edit_input=lambda x: x + noise.to(x.dtype)):
-        hidden = model.base_model(input_ids=p.input_ids, cache=cache, use_cache=True).last_hidden_state
+        hidden = model.base_model(input_ids=p.input_ids, use_cache=True, **cache_kwargs(model.base_model, cache)
+                                  ).last_hidden_state
+    if cache.layers[0].keys is None:  # type: ignore[union-attr]
+        raise RuntimeError("the model did not fill the KV cache it was given; causal tracing needs a transformers "
+                           "decoder with DynamicCache support (transformers>=5.0)")
     logits = model.get_output_embeddings()(hidden[:, p.last])
     return torch.softmax(logits.float(), dim=-1)[:, p.target_id], cache
 
@@ -463,8 +467,8 @@ def _restored_probs(model, names: list[str], p: _Prepared, clean: torch.Tensor, 
     with ExitStack() as stack:
         stack.enter_context(trace(model, layer_names[0], retain_output=False, edit_input=at_input_of_first_layer))
         stack.enter_context(trace_many(model, hooked, retain_output=False, edit_output=edit))
-        hidden = model.base_model(input_ids=p.input_ids[:, t:], cache=cache_in, use_cache=cache_in is not None
-                                  ).last_hidden_state
+        hidden = model.base_model(input_ids=p.input_ids[:, t:], use_cache=cache_in is not None,
+                                  **cache_kwargs(model.base_model, cache_in)).last_hidden_state
     logits = model.get_output_embeddings()(hidden[n:, -1])
     probs = torch.softmax(logits.float(), dim=-1)[:, p.target_id].reshape(len(order), n).mean(dim=1).cpu()
     out = torch.empty(len(windows))
