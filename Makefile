@@ -67,7 +67,7 @@ _assets/.vendored: node_modules/.installed scripts/vendor_assets.py $(VENV)/.ins
 book: setup
 	stale=$$($(PY) scripts/stale_notebooks.py); \
 	if [ -n "$$stale" ]; then \
-	  OMP_NUM_THREADS=1 $(PY) -m pytest $$stale --nbval-lax --nbval-current-env -n $(JOBS) --dist loadfile -q -p no:cacheprovider; \
+	  OMP_NUM_THREADS=1 $(PY) -m pytest $$stale --nbval-lax --nbval-current-env -n $(JOBS) --dist loadfile --no-loadscope-reorder -q -p no:cacheprovider; \
 	fi
 	$(VENV)/bin/jupyter-book build . -W --keep-going
 
@@ -75,14 +75,14 @@ book: setup
 # book's execution cache (notebooks/conftest.py), so the book build that follows executes no notebook again.
 test: setup browser lint
 	$(PY) scripts/stamp.py --check
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=3000 -n $(JOBS) --dist loadfile -rfEs
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=3000 -n $(JOBS) --dist loadfile --no-loadscope-reorder --durations=25 -rfEs
 	ENGRAM_EXPECT_CACHED=1 $(PY) -m pytest tests/test_book.py --book -rfEs
 
 unit: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n $(JOBS) --dist loadfile -rfEs
 
 notebooks: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=3000 -n $(JOBS) --dist loadfile -rfEs
+	OMP_NUM_THREADS=1 $(PY) -m pytest notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=3000 -n $(JOBS) --dist loadfile --no-loadscope-reorder --durations=25 -rfEs
 
 book-test: setup
 	$(PY) -m pytest tests/test_book.py --book -rfEs

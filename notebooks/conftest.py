@@ -197,3 +197,19 @@ def store_executed(nbfile) -> None:
         times[path.name] = {"seconds": seconds, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         TIMES.write_text(json.dumps(times, indent=1, sort_keys=True))
+
+
+# The longest notebooks first (their CI times are in README.md). `make test` passes --no-loadscope-reorder, so
+# pytest-xdist hands out files in collection order: a long notebook then never starts last while the other
+# worker sits idle, and the short unit-test files fill the gaps.
+LONGEST_FIRST = ("rome", "causal_tracing", "grafting", "consolidation", "forgetting", "replication")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> tuple[int, int]:
+        path = Path(str(item.fspath))
+        if path.suffix != ".ipynb":
+            return (1, 0)
+        return (0, LONGEST_FIRST.index(path.stem) if path.stem in LONGEST_FIRST else len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: the cells of a notebook keep their order
