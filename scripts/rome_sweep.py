@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--split", default="dev", choices=["dev", "test"])
     ap.add_argument("--minutes", type=float, default=float("inf"),
-                    help="start no new layer after this many minutes (the JSON records which layers ran)")
+                    help="start no new layer after this many minutes, once 4 are done (the JSON records which ran)")
     ap.add_argument("--out", default="engram_helpers/hparams/sweeps/smollm2-135m-offline.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,7 +82,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     per_layer: dict[int, dict] = {}
     for l in coarse_to_fine(planned):
-        if time.perf_counter() - t0 > 60 * args.minutes:
+        if len(per_layer) >= 4 and time.perf_counter() - t0 > 60 * args.minutes:
             print(f"time budget of {args.minutes} min spent: stopping before layer {l}")
             break
         ev = evaluation.evaluate_layers(model, tok, facts, [l], hp, Cs)[l]
