@@ -152,7 +152,7 @@ def check_hebbian_update(fn: Callable) -> None:
 def check_edit_at_layers(fn: Callable, model, tok) -> None:
     """Check ``fn(model, tok, facts, layers, hparams, Cs) -> {layer: Evaluation}`` (the ★★★ experiment).
 
-    Runs ``fn`` on two known development facts at two layers with a short optimization (1 prefix, 3 steps,
+    Runs ``fn`` on two development facts at two layers with a short optimization (1 prefix, 3 steps,
     C = identity, so that it takes seconds) and checks: one entry per requested layer; ``"rome"`` rows
     recorded at that layer, one per fact; the scores equal those of the same edits made by the library at
     that layer; every MLP output weight of the model bit for bit as before (restored if not).
@@ -161,7 +161,7 @@ def check_edit_at_layers(fn: Callable, model, tok) -> None:
 
     a = arch(model)
     layers = [1, a.n_layers - 2]
-    facts = data.known_facts(model, tok, data.facts_in_split("dev")[:12])[:2]
+    facts = data.facts_in_split("dev")[:2]
     hp = rome.with_settings(rome.hparams_for(model), n_prefixes=1, v_steps=3)
     Cs = {l: "identity" for l in layers}
     params = [model.get_submodule(a.mlp_out_name(l)).weight for l in range(a.n_layers)]
