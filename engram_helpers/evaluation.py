@@ -26,36 +26,54 @@ from torch import nn
 
 from . import data, weights
 from .layer_stats import SecondMoment
-from .models import answer_token_logprobs, generate, next_token_probs
-from .rome import HParams, _as_C, _prefixes, compute_key, compute_value, hparams_for, rank_one_update, weight_delta
+from .models import _answer_batch, answer_ids, generate
+from .rome import (
+    HParams,
+    _as_C,
+    _prefixes,
+    compute_key,
+    compute_value,
+    hparams_for,
+    rank_one_update,
+    weight_delta,
+    with_settings,
+)
 
 WIN_RATES = ("efficacy", "paraphrase", "neighbourhood")
 MAGNITUDES = ("efficacy_mag", "paraphrase_mag", "neighbourhood_mag")
 METRICS = WIN_RATES + MAGNITUDES
 
 
-def answer_probs(model: nn.Module, tok, prompts: Sequence[str], answer: str) -> np.ndarray:
-    """P(answer | prompt) for each prompt, as exp(−mean token NLL) like the paper's code: [n]."""
-    if not prompts:
-        return np.zeros(0)
-    lps = answer_token_logprobs(model, tok, list(prompts), [answer] * len(prompts))
-    return np.array([float(lp.mean().exp()) for lp in lps])
-
-
-def score_edit(model: nn.Module, tok, fact: data.Fact) -> dict[str, float]:
-    """The model's current scores on one fact: the three win rates (fractions of the fact's prompts) and the
-    three magnitudes (mean probability differences), keys :data:`METRICS`."""
+def _score_and_next(model: nn.Module, tok, fact: data.Fact) -> tuple[dict[str, float], torch.Tensor]:
+    """:func:`score_edit`'s scores and the next-token distribution after each neighbourhood prompt
+    ([n_neighbourhood, vocab]), from ONE batched forward pass over the fact's prompts followed by each
+    answer (the prompt's last position does not see the appended answer)."""
     prompts = [fact.prompt, *fact.paraphrases, *fact.neighbourhood]
-    p_new = answer_probs(model, tok, prompts, fact.target_new)
-    p_true = answer_probs(model, tok, prompts, fact.target_true)
+    n = len(prompts)
+    answers = [answer_ids(tok, fact.target_new)] * n + [answer_ids(tok, fact.target_true)] * n
+    device = next(model.parameters()).device
+    input_ids, mask, pos = _answer_batch(tok, prompts * 2, answers, device)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+    probs = np.array([float(torch.log_softmax(logits[r, ps].float(), -1)[torch.arange(len(a)), a].mean().exp())
+                      for r, (ps, a) in enumerate(zip(pos, answers))])
+    p_new, p_true = probs[:n], probs[n:]
     n_para = len(fact.paraphrases)
-    parts = {"efficacy": slice(0, 1), "paraphrase": slice(1, 1 + n_para), "neighbourhood": slice(1 + n_para, None)}
+    first = 1 + n_para
+    nxt = torch.softmax(logits[torch.arange(first, n), [pos[r][0] for r in range(first, n)]].float(), -1).cpu()
+    parts = {"efficacy": slice(0, 1), "paraphrase": slice(1, first), "neighbourhood": slice(first, None)}
     out: dict[str, float] = {}
     for name, sl in parts.items():
         gain = p_new[sl] - p_true[sl] if name != "neighbourhood" else p_true[sl] - p_new[sl]
         out[name] = float(np.mean(gain > 0)) if len(gain) else float("nan")
         out[name + "_mag"] = float(np.mean(gain)) if len(gain) else float("nan")
-    return out
+    return out, nxt
+
+
+def score_edit(model: nn.Module, tok, fact: data.Fact) -> dict[str, float]:
+    """The model's current scores on one fact: the three win rates (fractions of the fact's prompts) and the
+    three magnitudes (mean probability differences), keys :data:`METRICS`. One forward pass."""
+    return _score_and_next(model, tok, fact)[0]
 
 
 def mean_kl(p: torch.Tensor, q: torch.Tensor) -> float:
@@ -154,9 +172,9 @@ def evaluate(model: nn.Module, tok, facts: Sequence[data.Fact], hparams: HParams
     rows: list[dict] = []
     for i, f in enumerate(facts):
         base = {"fact": f.id, "subject": f.subject, "target_new": f.target_new, "layer": layer}
+        s0, before = _score_and_next(model, tok, f)
         if unedited:
-            rows.append({**base, "method": "unedited", **score_edit(model, tok, f), "neighbourhood_kl": 0.0})
-        before = next_token_probs(model, tok, list(f.neighbourhood)) if f.neighbourhood else None
+            rows.append({**base, "method": "unedited", **s0, "neighbourhood_kl": 0.0})
         t0 = time.perf_counter()
         q = f.query(f.target_new)
         key = compute_key(model, tok, q, layer, prefixes)
@@ -165,11 +183,62 @@ def evaluate(model: nn.Module, tok, facts: Sequence[data.Fact], hparams: HParams
         for m in methods:
             dW = rank_one_update(W, key, val.v, Cm if m == "rome" else None)
             with weights.add(model, weight_delta(model, layer, dW), label=m):
-                s = score_edit(model, tok, f)
-                kl = mean_kl(before, next_token_probs(model, tok, list(f.neighbourhood))) if before is not None else 0.0
+                s, after = _score_and_next(model, tok, f)
+                kl = mean_kl(before, after) if len(after) else 0.0
                 text = generate(model, tok, f.prompt, generate_tokens) if generate_tokens else ""
             rows.append({**base, "method": m, **s, "neighbourhood_kl": kl, "p_new_opt": val.p_new,
                          "steps": len(val.losses), "seconds": t_kv, "generation": text})
         if verbose:
             print(f"[{i + 1}/{len(facts)}] {f.subject!r} -> {f.target_new!r}: {len(val.losses)} steps, {t_kv:.1f} s")
     return Evaluation(rows, seed)
+
+
+def evaluate_layers(model: nn.Module, tok, facts: Sequence[data.Fact], layers: Sequence[int], hparams: HParams,
+                    Cs: dict[int, SecondMoment] | dict[int, str]) -> dict[int, Evaluation]:
+    """Edit every fact at every layer in ``layers`` (one edit at a time, each undone): ``{layer: Evaluation}``.
+
+    ``hparams``: the settings, whose layer is replaced by each of ``layers``; ``Cs[layer]``: that layer's C
+    (a :class:`~engram_helpers.layer_stats.SecondMoment`, or ``"identity"``). Only the ``"rome"`` rows (no
+    unedited rows: they do not depend on the layer).
+    """
+    missing = [l for l in layers if l not in Cs]
+    if missing:
+        raise ValueError(f"No C for layers {missing}: pass layer_stats.second_moments(model, tok, {list(layers)}).")
+    return {l: evaluate(model, tok, facts, hparams=with_settings(hparams, layer=l), C=Cs[l], unedited=False)
+            for l in layers}
+
+
+def tracing_predicts_editing(Y: np.ndarray, E: np.ndarray, n_boot: int = 1000,
+                             seed: int = 0) -> dict[str, float | list[float]]:
+    """Hase et al. (2023)'s question: does the tracing effect predict an edit's success beyond the layer?
+
+    ``Y``, ``E``: [facts, layers] an edit's success and the fact's tracing effect at each edited layer. Fits
+    success on the layer alone (one indicator per layer) and on the layer plus the tracing effect; returns
+    ``r2_layer``, ``r2_both``, ``gain`` (their difference) and ``r`` (Pearson correlation of effect and
+    success), each with a ``*_ci`` seeded bootstrap 95% interval over facts (a resampled fact brings all its
+    layers).
+    """
+    Y, E = np.asarray(Y, dtype=float), np.asarray(E, dtype=float)
+    if Y.shape != E.shape or Y.ndim != 2 or Y.shape[0] < 2:
+        raise ValueError(f"Y and E must both be [facts, layers] with at least 2 facts; got {Y.shape} and {E.shape}.")
+    n_f, n_l = Y.shape
+
+    def fit(Y: np.ndarray, E: np.ndarray) -> tuple[float, float, float]:
+        y, e = Y.ravel(), E.ravel()
+        X_layer = np.tile(np.eye(n_l), (len(Y), 1))
+
+        def r2(X: np.ndarray) -> float:
+            coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+            return float(1 - np.sum((y - X @ coef) ** 2) / np.sum((y - y.mean()) ** 2))
+
+        return r2(X_layer), r2(np.column_stack([X_layer, e])), float(np.corrcoef(e, y)[0, 1])
+
+    point = fit(Y, E)
+    rng = np.random.default_rng(seed)
+    boot = np.array([fit(Y[idx], E[idx]) for idx in (rng.integers(0, n_f, n_f) for _ in range(n_boot))])
+
+    def ci(x: np.ndarray) -> list[float]:
+        return [float(np.nanpercentile(x, 2.5)), float(np.nanpercentile(x, 97.5))]
+
+    return {"r2_layer": point[0], "r2_layer_ci": ci(boot[:, 0]), "r2_both": point[1], "r2_both_ci": ci(boot[:, 1]),
+            "gain": point[1] - point[0], "gain_ci": ci(boot[:, 1] - boot[:, 0]), "r": point[2], "r_ci": ci(boot[:, 2])}

@@ -85,8 +85,9 @@ def hparams_for(model: nn.Module) -> HParams:
     """The settings for ``model``, matched by model name **and** architecture against ``hparams/*.json``.
 
     ``"gpt2-xl"`` and ``"openai-community/gpt2-xl"`` (GPT-2) get the paper's settings; the offline SmolLM2
-    its tuned ones; Gemma-3-270M an untuned guess. Any other model gets the tuned model's settings with the
-    layer at the same relative depth (about 4/30 of the layers; ``status="depth rule"``).
+    its tuned ones (the layer from the committed sweep on the development facts, :func:`layer_sweep`);
+    Gemma-3-270M an untuned guess. Any other model gets the tuned model's settings with the layer at the same
+    relative depth (``status="depth rule"``).
     """
     name, model_type = model_id(model), getattr(model.config, "model_type", None)
     for spec in _hparam_files():
@@ -95,8 +96,15 @@ def hparams_for(model: nn.Module) -> HParams:
             return HParams(**spec["hparams"], status=spec["status"])
     n_layers = arch(model).n_layers
     base = next(s for s in _hparam_files() if s["status"] == "tuned")
-    rule = {**base["hparams"], "layer": max(1, round(n_layers * 4 / 30))}
+    rule = {**base["hparams"], "layer": max(1, round(n_layers * base["hparams"]["layer"] / base["n_layers"]))}
     return HParams(**rule, status="depth rule")
+
+
+def layer_sweep(model: nn.Module) -> dict | None:
+    """The committed result of ``scripts/rome_sweep.py`` for ``model`` (``hparams/sweeps/<model id>.json``:
+    layers, development-split fact ids, per-layer scores, tracing effects, ``best_layer``), or None."""
+    path = resources.files("engram_helpers").joinpath("hparams", "sweeps", f"{model_id(model)}.json")
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def with_settings(hp: HParams, **changes) -> HParams:

@@ -1,10 +1,12 @@
-"""The large ROME layer sweep and the Hase et al. (2023) analysis (the notebook runs a small version).
+"""The ROME layer sweep that chooses the default layer, and the Hase et al. (2023) analysis.
 
-    PYTHONPATH=. flock /tmp/engram-heavy.lock \
-        python scripts/rome_sweep.py [--step 2] [--facts 10] [--out rome_sweep.json]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/rome_sweep.py --threads 1 \
+        [--step 2] [--facts 10] [--split dev] [--out engram_helpers/hparams/sweeps/smollm2-135m-offline.json]
 
-Every ``--step``-th layer, ``--facts`` known facts of the TEST split, each edited at each layer (2 context
-prefixes, as in the notebook's sweep) and scored with the CounterFact magnitudes; the MLP causal trace of
+Every ``--step``-th layer, ``--facts`` known facts of the DEVELOPMENT split (``--split``; the layer is chosen
+here, so never on the test facts the notebook reports), each edited at each layer (``--prefixes`` context
+prefixes) and scored with the CounterFact magnitudes; the chosen layer is the one with the largest mean of
+efficacy + paraphrase + neighbourhood magnitude (``best_layer`` in the JSON); the MLP causal trace of
 each fact (window 10, 5 noise samples); then, per (fact, layer), the R² of the paraphrase magnitude on
 the layer alone (one indicator per layer) and on the layer plus the fact's tracing effect at that layer,
 and the correlation of tracing effect and success, with bootstrap 95% intervals over facts (1,000
@@ -16,36 +18,42 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from engram_helpers import data, evaluation, layer_stats, rome, tracing
-from engram_helpers.models import load_model
+from engram_helpers.models import load_model, model_id
 
 
-def hase(Y: np.ndarray, E: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Y, E: [facts, layers] edit success and tracing effect. R² of layer only / layer + effect, and r."""
-    n_f, n_l = Y.shape
+def coarse_to_fine(layers: list[int]) -> list[int]:
+    """Every other layer of ``layers`` first, then the rest, so that a sweep stopped early is still spread out."""
+    return layers[::2] + layers[1::2]
 
-    def fit(Y, E):
-        y, e = Y.ravel(), E.ravel()
-        X_layer = np.tile(np.eye(n_l), (len(Y), 1))
-        X_both = np.column_stack([X_layer, e])
 
-        def r2(X):
-            coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-            return 1 - np.sum((y - X @ coef) ** 2) / np.sum((y - y.mean()) ** 2)
-
-        return r2(X_layer), r2(X_both), float(np.corrcoef(e, y)[0, 1])
-
-    point = fit(Y, E)
-    rng = np.random.default_rng(seed)
-    boot = np.array([fit(Y[idx], E[idx]) for idx in (rng.integers(0, n_f, n_f) for _ in range(n_boot))])
-    gain = boot[:, 1] - boot[:, 0]
-    ci = lambda x: [float(np.nanpercentile(x, 2.5)), float(np.nanpercentile(x, 97.5))]
-    return {"r2_layer": point[0], "r2_layer_ci": ci(boot[:, 0]), "r2_both": point[1], "r2_both_ci": ci(boot[:, 1]),
-            "gain": point[1] - point[0], "gain_ci": ci(gain), "r": point[2], "r_ci": ci(boot[:, 2])}
+def summarize(args, model, hp, facts, planned: list[int], per_layer: dict, effects_all: np.ndarray,
+              seconds: float) -> dict:
+    """The JSON record of the layers done so far (sorted), with the chosen layer and the Hase analysis."""
+    layers = sorted(per_layer)
+    effects = effects_all[:, layers]
+    score = {l: float(np.mean(np.sum([per_layer[l][m] for m in evaluation.MAGNITUDES], axis=0))) for l in layers}
+    best = max(layers, key=lambda l: score[l])
+    result = {"model": model_id(model), "split": args.split, "layers": layers, "layers_planned": planned,
+              "complete": layers == sorted(planned), "fact_ids": [f.id for f in facts],
+              "settings": {"n_prefixes": args.prefixes, "trace_samples": args.samples, "trace_window": 10,
+                           "threads": args.threads, "cov_tokens": hp.cov_tokens, "cov_source": hp.cov_source,
+                           "v_steps": hp.v_steps, "nll_stop": hp.nll_stop},
+              "selection": "largest mean over facts of efficacy_mag + paraphrase_mag + neighbourhood_mag",
+              "score": {str(l): score[l] for l in layers}, "best_layer": best,
+              "per_layer": {str(l): per_layer[l] for l in layers},
+              "tracing_effect": effects.tolist(), "tracing_effect_all_layers": effects_all.tolist(),
+              "seconds": seconds}
+    if len(layers) >= 2:
+        for outcome in ("paraphrase_mag", "efficacy_mag"):
+            Y = np.array([[per_layer[l][outcome][i] for l in layers] for i in range(len(facts))])
+            result[f"hase_{outcome}"] = evaluation.tracing_predicts_editing(Y, effects)
+    return result
 
 
 def main() -> None:
@@ -55,32 +63,41 @@ def main() -> None:
     ap.add_argument("--prefixes", type=int, default=2)
     ap.add_argument("--samples", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="rome_sweep.json")
+    ap.add_argument("--split", default="dev", choices=["dev", "test"])
+    ap.add_argument("--minutes", type=float, default=float("inf"),
+                    help="start no new layer after this many minutes, once 4 are done (the JSON records which ran)")
+    ap.add_argument("--out", default="engram_helpers/hparams/sweeps/smollm2-135m-offline.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model()
     hp = rome.with_settings(rome.hparams_for(model), n_prefixes=args.prefixes)
-    layers = list(range(0, model.config.num_hidden_layers, args.step))
-    Cs = layer_stats.second_moments(model, tok, layers, hp.cov_tokens, hp.cov_source)
-    facts = data.known_facts(model, tok, data.facts_in_split("test"))[: args.facts]
-    print(f"{len(facts)} test facts x {len(layers)} layers")
+    planned = list(range(0, model.config.num_hidden_layers, args.step))
     t0 = time.perf_counter()
-    per_layer = {}
-    for l in layers:
-        ev = evaluation.evaluate(model, tok, facts, hparams=rome.with_settings(hp, layer=l), C=Cs[l], unedited=False)
-        per_layer[l] = {m: ev.values("rome", m).tolist() for m in evaluation.METRICS}
-        print(f"layer {l:2d}: " + "  ".join(f"{m} {ev.estimate('rome', m)}" for m in evaluation.MAGNITUDES), flush=True)
+    Cs = layer_stats.second_moments(model, tok, planned, hp.cov_tokens, hp.cov_source)
+    facts = data.known_facts(model, tok, data.facts_in_split(args.split))[: args.facts]
+    print(f"{len(facts)} {args.split} facts x {len(planned)} layers")
     traces = [tracing.trace_fact(model, tok, f.query(), kind="mlp", n_samples=args.samples, window=10) for f in facts]
-    effects = np.array([tr.effects[tr.subject_span[1] - 1] for tr in traces])[:, layers]
-    result = {"layers": layers, "fact_ids": [f.id for f in facts], "per_layer": per_layer,
-              "tracing_effect": effects.tolist(), "seconds": time.perf_counter() - t0}
+    effects_all = np.array([tr.effects[tr.subject_span[1] - 1] for tr in traces])  # [facts, all layers]
+    print(f"traces done at {time.perf_counter() - t0:.0f} s", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    per_layer: dict[int, dict] = {}
+    for l in coarse_to_fine(planned):
+        if len(per_layer) >= 4 and time.perf_counter() - t0 > 60 * args.minutes:
+            print(f"time budget of {args.minutes} min spent: stopping before layer {l}")
+            break
+        ev = evaluation.evaluate_layers(model, tok, facts, [l], hp, Cs)[l]
+        per_layer[l] = {m: ev.values("rome", m).tolist() for m in evaluation.METRICS}
+        print(f"layer {l:2d} ({time.perf_counter() - t0:.0f} s): "
+              + "  ".join(f"{m} {ev.estimate('rome', m)}" for m in evaluation.MAGNITUDES), flush=True)
+        result = summarize(args, model, hp, facts, planned, per_layer, effects_all, time.perf_counter() - t0)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    print(f"best layer by the sum of the three magnitudes: {result['best_layer']} (layers {result['layers']})")
     for outcome in ("paraphrase_mag", "efficacy_mag"):
-        Y = np.array([[per_layer[l][outcome][i] for l in layers] for i in range(len(facts))])
-        result[f"hase_{outcome}"] = h = hase(Y, effects)
-        print(f"{outcome}: R² layer {h['r2_layer']:.3f} {h['r2_layer_ci']}, layer + tracing {h['r2_both']:.3f} "
-              f"{h['r2_both_ci']}, gain {h['gain']:.3f} {h['gain_ci']}, r {h['r']:.2f} {h['r_ci']}")
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
+        h = result.get(f"hase_{outcome}")
+        if h:
+            print(f"{outcome}: R² layer {h['r2_layer']:.3f} {h['r2_layer_ci']}, layer + tracing {h['r2_both']:.3f} "
+                  f"{h['r2_both_ci']}, gain {h['gain']:.3f} {h['gain_ci']}, r {h['r']:.2f} {h['r_ci']}")
     print(f"wrote {args.out} ({result['seconds']:.0f} s)")
 
 

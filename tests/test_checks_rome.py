@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engram_helpers import rome
+from engram_helpers import evaluation, rome
 from engram_helpers.checks import CheckFailed
 from engram_helpers.checks import rome as checks
 from engram_helpers.hooks import trace
@@ -83,3 +83,47 @@ def test_hebbian_check():
         checks.check_hebbian_update(lambda k, v, eta: eta * (v[:3] @ k[:3]).reshape(1))
     with pytest.raises(CheckFailed):
         checks.check_hebbian_update(lambda k, v, eta: eta * torch.outer(v, k) + 1.0)
+
+
+def _edit_at_layers(model, tok, facts, layers, hparams, Cs):
+    return evaluation.evaluate_layers(model, tok, facts, layers, hparams, Cs)
+
+
+def _ignores_layers(model, tok, facts, layers, hparams, Cs):  # every edit at hparams.layer
+    return {l: evaluation.evaluate(model, tok, facts, hparams=hparams, C=Cs[l], unedited=False) for l in layers}
+
+
+def _never_undone(model, tok, facts, layers, hparams, Cs):  # edits left in the model
+    out = {}
+    for l in layers:
+        hp = rome.with_settings(hparams, layer=l)
+        rows = []
+        for f in facts:
+            rome.apply_rome(model, tok, f.query(f.target_new), hparams=hp, C=Cs[l])
+            rows.append({"fact": f.id, "layer": l, "method": "rome", **evaluation.score_edit(model, tok, f)})
+        out[l] = evaluation.Evaluation(rows)
+    return out
+
+
+def _first_fact_only(model, tok, facts, layers, hparams, Cs):
+    return _edit_at_layers(model, tok, facts[:1], layers, hparams, Cs)
+
+
+def test_edit_at_layers_check_passes_the_reference(default_model):
+    model, tok = default_model
+    checks.check_edit_at_layers(_edit_at_layers, model, tok)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (_ignores_layers, "were made at layer"),
+    (_never_undone, "differ from before"),
+    (_first_fact_only, "one 'rome' row per fact"),
+    (lambda *a: [], "one entry per requested layer"),
+])
+def test_edit_at_layers_check_catches_mistakes_and_restores_the_model(default_model, wrong, hint):
+    model, tok = default_model
+    a = arch(model)
+    before = [model.get_submodule(a.mlp_out_name(l)).weight.clone() for l in range(a.n_layers)]
+    with pytest.raises(CheckFailed, match=hint):
+        checks.check_edit_at_layers(wrong, model, tok)
+    assert all(torch.equal(model.get_submodule(a.mlp_out_name(l)).weight, w) for l, w in enumerate(before))

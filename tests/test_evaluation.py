@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engram_helpers import data, evaluation, rome
-from engram_helpers.models import answer_token_logprobs, mlp_out_weight
+from engram_helpers.models import answer_token_logprobs, mlp_out_weight, next_token_probs
 
 
 def test_split_is_disjoint_complete_and_covers_every_relation():
@@ -50,6 +50,9 @@ def test_score_edit_follows_the_papers_definitions(default_model):
     assert np.isclose(s["paraphrase_mag"], np.mean(new[1:1 + n] - true[1:1 + n]))
     assert np.isclose(s["neighbourhood_mag"], np.mean(true[1 + n:] - new[1 + n:]))
     assert s["efficacy"] == 0.0, "a known fact: the true object wins before any edit"
+    # the neighbourhood's next-token distributions come out of the same forward pass as the scores
+    _, nxt = evaluation._score_and_next(model, tok, f)
+    assert torch.allclose(nxt, next_token_probs(model, tok, list(f.neighbourhood)), atol=1e-5)
 
 
 def test_evaluate_scores_unedited_and_edited_and_undoes(default_model):
@@ -70,3 +73,19 @@ def test_evaluate_scores_unedited_and_edited_and_undoes(default_model):
         evaluation.evaluate(model, tok, [])
     with pytest.raises(ValueError, match="Unknown methods"):
         evaluation.evaluate(model, tok, facts, methods=("memit",))
+
+
+def test_tracing_predicts_editing_finds_a_real_predictor_and_not_a_fake_one():
+    rng = np.random.default_rng(0)
+    n_facts, n_layers = 20, 6
+    layer_effect = np.linspace(0.2, 0.8, n_layers)
+    E = rng.uniform(0, 1, size=(n_facts, n_layers))
+    noise = 0.05 * rng.normal(size=(n_facts, n_layers))
+    real = evaluation.tracing_predicts_editing(layer_effect + 0.5 * E + noise, E, n_boot=200)
+    fake = evaluation.tracing_predicts_editing(layer_effect + noise, E, n_boot=200)
+    assert real["gain"] > 0.3 and real["gain_ci"][0] > 0.1 and real["r2_both"] > 0.9
+    assert fake["gain"] < 0.05 and fake["gain_ci"][0] >= -1e-12
+    assert fake["r2_layer"] > 0.9 and real["r2_layer"] < fake["r2_layer"]
+    assert real == evaluation.tracing_predicts_editing(layer_effect + 0.5 * E + noise, E, n_boot=200)  # seeded
+    with pytest.raises(ValueError, match="facts, layers"):
+        evaluation.tracing_predicts_editing(np.zeros(5), np.zeros(5))

@@ -147,3 +147,57 @@ def check_hebbian_update(fn: Callable) -> None:
             raise CheckFailed("ΔW must be a matrix: the outer product torch.outer(v, k), not a dot product.")
         assert_close(got, expected, "ΔW", "ΔW = η · torch.outer(v, k).", atol=1e-10)
     passed("hebbian_update")
+
+
+def check_edit_at_layers(fn: Callable, model, tok) -> None:
+    """Check ``fn(model, tok, facts, layers, hparams, Cs) -> {layer: Evaluation}`` (the ★★★ experiment).
+
+    Runs ``fn`` on two development facts at two layers with a short optimization (1 prefix, 3 steps,
+    C = identity, so that it takes seconds) and checks: one entry per requested layer; ``"rome"`` rows
+    recorded at that layer, one per fact; the scores equal those of the same edits made by the library at
+    that layer; every MLP output weight of the model bit for bit as before (restored if not).
+    """
+    from .. import data, evaluation
+
+    a = arch(model)
+    layers = [1, a.n_layers - 2]
+    facts = data.facts_in_split("dev")[:2]
+    hp = rome.with_settings(rome.hparams_for(model), n_prefixes=1, v_steps=3)
+    Cs = {l: "identity" for l in layers}
+    params = [model.get_submodule(a.mlp_out_name(l)).weight for l in range(a.n_layers)]
+    saved = [p.detach().clone() for p in params]
+    try:
+        got = fn(model, tok, list(facts), list(layers), hp, dict(Cs))
+    finally:
+        changed = [l for l, (p, s) in enumerate(zip(params, saved)) if not torch.equal(p.detach(), s)]
+        with torch.no_grad():
+            for l in changed:
+                params[l].copy_(saved[l])
+    if changed:
+        raise CheckFailed(f"After your function, the MLP weights of layers {changed} differ from before (restored now "
+                          "by the check): undo every edit, e.g. evaluation.evaluate does, or rome.edit(...) as a "
+                          "with block, or handle.undo().")
+    if not isinstance(got, dict) or sorted(got) != sorted(layers):
+        keys = sorted(got) if isinstance(got, dict) else type(got).__name__
+        raise CheckFailed(f"Return a dict {{layer: Evaluation}} with one entry per requested layer {layers}; "
+                          f"got {keys}.")
+    for l in layers:
+        e = got[l]
+        if not isinstance(e, evaluation.Evaluation) or "rome" not in e.methods:
+            raise CheckFailed(f"got[{l}] should be the Evaluation of evaluation.evaluate(...) with method 'rome'.")
+        rows = [r for r in e.rows if r["method"] == "rome"]
+        if [r["fact"] for r in rows] != [f.id for f in facts]:
+            raise CheckFailed(f"At layer {l}: one 'rome' row per fact, in order, expected; got facts "
+                              f"{[r['fact'] for r in rows]} for {[f.id for f in facts]}. Pass every fact.")
+        if any(r["layer"] != l for r in rows):
+            raise CheckFailed(f"The edits for layer {l} were made at layer {rows[0]['layer']}: pass "
+                              f"hparams=rome.with_settings(hparams, layer={l}).")
+        ref = evaluation.evaluate(model, tok, facts, hparams=rome.with_settings(hp, layer=l), C=Cs[l], unedited=False)
+        for m in evaluation.METRICS:
+            v = e.values("rome", m)
+            if v.shape != (len(facts),):
+                raise CheckFailed(f"At layer {l}, {m}: one value per fact expected, shape {v.shape}.")
+            if not torch.allclose(torch.tensor(v), torch.tensor(ref.values("rome", m)), atol=1e-4, equal_nan=True):
+                raise CheckFailed(f"At layer {l}, {m} differs from an edit made at that layer with Cs[{l}] and the "
+                                  "given hparams: use C=Cs[layer], hparams=rome.with_settings(hparams, layer=layer).")
+    passed("edit_at_layers")
