@@ -136,6 +136,33 @@ def test_fast_trace_equals_the_plain_loop_on_gpt2(tiny_gpt2, tok, kind):
     assert fast.scores.shape == (len(fast.tokens), 4)
 
 
+@pytest.mark.parametrize("batch_size", [5, 1024])
+def test_trace_all_kinds_in_one_pass_equals_the_plain_loop(tiny, tok, batch_size):
+    """All three kinds share the clean, corrupted and restored passes (split into parts by batch_size)."""
+    kw = dict(noise_std=0.6, n_samples=2, window=3, seed=4)
+    both = tracing.trace_all(tiny, tok, QUERY, batch_size=batch_size, **kw)
+    assert list(both) == list(tracing.KINDS)
+    for kind, r in both.items():
+        plain = tracing.trace_fact_plain(tiny, tok, QUERY, kind=kind, **kw)
+        np.testing.assert_allclose(r.scores, plain.scores, rtol=1e-4, atol=1e-7)
+        assert r.kind == kind and r.window == (1 if kind == "layer" else 3)
+    with pytest.raises(ValueError, match="kind"):
+        tracing.trace_all(tiny, tok, QUERY, kinds=(), **kw)
+
+
+def test_trace_facts_gives_each_query_its_seed(tiny, tok):
+    queries = [QUERY, Query("The capital of {} is", "France", "Paris")]
+    many = tracing.trace_facts(tiny, tok, queries, kinds=("attn",), seeds=[3, 7], noise_std=1.0, n_samples=2,
+                               window=2, progress=False)
+    for q, seed, r in zip(queries, [3, 7], many.results["attn"]):
+        alone = tracing.trace_fact(tiny, tok, q, kind="attn", noise_std=1.0, n_samples=2, window=2, seed=seed)
+        np.testing.assert_array_equal(r.scores, alone.scores)
+    with pytest.raises(ValueError, match="one per query"):
+        tracing.trace_facts(tiny, tok, queries, seeds=[1], noise_std=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        tracing.trace_facts(tiny, tok, queries, seeds=[1, 2], seed=0, noise_std=1.0)
+
+
 def test_fast_trace_equals_the_plain_loop_with_subject_first(tiny, tok):
     """A subject at position 1 right after the prefix token, and a one-token answer position."""
     q = Query("{} is located in the city of", "Big Ben", "London")
