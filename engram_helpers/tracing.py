@@ -116,6 +116,31 @@ def corrupt_embeddings(embeds: torch.Tensor, span: tuple[int, int], noise: torch
     return out
 
 
+@torch.no_grad()
+def subject_replacement(model: nn.Module, tok, query: Query, other: str) -> torch.Tensor:
+    """Symmetric token replacement (Zhang & Nanda 2024): what turns the subject's embeddings into those of
+    ``other``, a different subject with as many tokens in this template. [1, span length, d]
+
+    Added to the subject's embeddings like noise, it gives exactly the embeddings of the prompt with
+    ``other`` in the subject's place, so the corrupted run is a real prompt about another subject.
+    """
+    if other.strip() == query.subject:
+        raise ValueError(f"Replace the subject {query.subject!r} with a different subject of the same relation.")
+    swapped = Query(query.template, other.strip(), query.target)
+    span, span_other = subject_span(tok, query), subject_span(tok, swapped)
+    device = next(model.parameters()).device
+    ids = encode(tok, query.prompt, device)[0]["input_ids"]
+    ids_other = encode(tok, swapped.prompt, device)[0]["input_ids"]
+    outside = torch.ones(ids.shape[1], dtype=torch.bool)
+    outside[span[0]:span[1]] = False
+    if span != span_other or ids.shape != ids_other.shape or not torch.equal(ids[0, outside], ids_other[0, outside]):
+        raise ValueError(f"{other!r} is tokens {span_other} of its prompt where {query.subject!r} is tokens {span}: "
+                         f"symmetric token replacement needs a subject with the same number of tokens (and the "
+                         f"rest of the prompt unchanged). Choose another subject.")
+    embed = get_module(model, arch(model).embed)
+    return (embed(ids_other) - embed(ids))[:, span[0]:span[1]].float()
+
+
 def restore_state(corrupted: torch.Tensor, clean: torch.Tensor, rows: torch.Tensor,
                   positions: torch.Tensor) -> torch.Tensor:
     """Copy clean states into a corrupted module output; a new tensor.
@@ -172,6 +197,7 @@ class TraceResult:
     window: int = 1
     noise_std: float = 0.0
     n_samples: int = 0
+    replaced_by: str = ""  # symmetric token replacement: the subject put in place of the subject ("" = noise)
 
     @property
     def effects(self) -> np.ndarray:
@@ -333,10 +359,11 @@ class _Prepared:
     clean_prob: float
     noise: torch.Tensor          # [n_samples, span length, d]
     std: float
+    replaced_by: str = ""
 
 
 @torch.no_grad()
-def _prepare(model, tok, query: Query, noise_std, n_samples, seed) -> _Prepared:
+def _prepare(model, tok, query: Query, noise_std, n_samples, seed, replace_with: str | None = None) -> _Prepared:
     if not isinstance(query, Query):
         raise TypeError(f"Tracing takes a Query (e.g. fact.query() or Query('The {{}} is in', 'Eiffel Tower')), "
                         f"got {type(query).__name__}.")
@@ -351,10 +378,16 @@ def _prepare(model, tok, query: Query, noise_std, n_samples, seed) -> _Prepared:
         target = tok.decode([target_id]).strip()
     else:
         target, target_id = query.target, first_token_id(tok, query.target)
+    tokens = [tok.decode([int(i)]) for i in batch["input_ids"][0]]
+    if replace_with is not None:  # symmetric token replacement: one deterministic corruption
+        if n_samples != 1:
+            raise ValueError(f"Replacing the subject with {replace_with!r} is one deterministic corruption: "
+                             f"use n_samples=1 (got {n_samples}).")
+        return _Prepared(batch["input_ids"], int(last[0]), span, tokens, target, target_id, float(probs[target_id]),
+                         subject_replacement(model, tok, query, replace_with), 0.0, replace_with.strip())
     std = noise_level(model, tok) if noise_std is None else float(noise_std)
     d_model = model.get_input_embeddings().weight.shape[1]
     noise = make_noise(n_samples, span, d_model, std, seed).to(device)
-    tokens = [tok.decode([int(i)]) for i in batch["input_ids"][0]]
     return _Prepared(batch["input_ids"], int(last[0]), span, tokens, target, target_id, float(probs[target_id]),
                      noise, std)
 
@@ -396,13 +429,13 @@ def _corrupted_run(model, p: _Prepared):
 
 @torch.no_grad()
 def corrupted_probs(model: nn.Module, tok, query: Query, noise_std: float | None = None, n_samples: int = 10,
-                    seed: int = 0) -> torch.Tensor:
+                    seed: int = 0, replace_with: str | None = None) -> torch.Tensor:
     """The answer's probability with the subject corrupted and nothing restored, per noise sample: [n_samples].
 
     Same noise as :func:`trace_fact` with the same ``noise_std``, ``n_samples`` and ``seed``; its mean is
-    :attr:`TraceResult.corrupted_prob`.
+    :attr:`TraceResult.corrupted_prob`. ``replace_with``: see :func:`trace_fact`.
     """
-    p = _prepare(model, tok, query, noise_std, n_samples, seed)
+    p = _prepare(model, tok, query, noise_std, n_samples, seed, replace_with)
     return _corrupted_run(model, p)[0].cpu()
 
 
@@ -486,6 +519,7 @@ def trace_fact(
     window: int = 10,
     seed: int = 0,
     batch_size: int = 1024,
+    replace_with: str | None = None,
 ) -> TraceResult:
     """Causal trace of one query: restore each (token, layer) in turn; see the module docstring.
 
@@ -493,8 +527,10 @@ def trace_fact(
     ``kind``: ``"layer"`` (residual stream, one layer), ``"mlp"`` or ``"attn"`` (``window`` layers).
     ``noise_std``: default :func:`noise_level` (3 × the subjects' embedding std). Noise samples are shared
     by all restorations and fixed by ``seed``. At most ``batch_size`` rows (restorations × samples) per pass.
+    ``replace_with``: instead of noise, corrupt by symmetric token replacement: put this other subject (same
+    number of tokens) in the subject's place (:func:`subject_replacement`; needs ``n_samples=1``).
     """
-    return trace_all(model, tok, query, (kind,), noise_std, n_samples, window, seed, batch_size)[kind]
+    return trace_all(model, tok, query, (kind,), noise_std, n_samples, window, seed, batch_size, replace_with)[kind]
 
 
 @torch.no_grad()
@@ -508,6 +544,7 @@ def trace_all(
     window: int = 10,
     seed: int = 0,
     batch_size: int = 1024,
+    replace_with: str | None = None,
 ) -> dict[str, TraceResult]:
     """:func:`trace_fact` for each of ``kinds`` (default all three): ``{kind: TraceResult}``.
 
@@ -518,7 +555,7 @@ def trace_all(
     if not kinds:
         raise ValueError(f"Give at least one kind to trace, from {list(KINDS)}.")
     names = {kind: _module_names(model, kind) for kind in kinds}
-    p = _prepare(model, tok, query, noise_std, n_samples, seed)
+    p = _prepare(model, tok, query, noise_std, n_samples, seed, replace_with)
     n_tokens, n = len(p.tokens), n_samples
     probs, cache = _corrupted_run(model, p)
     corrupted_prob = float(probs.mean())
@@ -543,7 +580,7 @@ def trace_all(
             for (k, c, _), value in zip(part, got):
                 scores[k][t, c] = value
     return {k: TraceResult(scores[k].numpy(), p.clean_prob, corrupted_prob, p.tokens, p.span, k, p.target,
-                           query.prompt, wins[k], p.std, n_samples) for k in kinds}
+                           query.prompt, wins[k], p.std, n_samples, p.replaced_by) for k in kinds}
 
 
 @torch.no_grad()
@@ -556,6 +593,7 @@ def trace_fact_plain(
     n_samples: int = 10,
     window: int = 10,
     seed: int = 0,
+    replace_with: str | None = None,
 ) -> TraceResult:
     """The paper's plain loop: one forward pass per (token, layer), batch = 1 clean row + the noise samples.
 
@@ -563,7 +601,7 @@ def trace_fact_plain(
     arguments and same noise as :func:`trace_fact`, so both give the same scores; this one is slower.
     """
     names = _module_names(model, kind)
-    p = _prepare(model, tok, query, noise_std, n_samples, seed)
+    p = _prepare(model, tok, query, noise_std, n_samples, seed, replace_with)
     n_layers, n_tokens, n = len(names), len(p.tokens), n_samples
     win = 1 if kind == "layer" else window
     batch = {"input_ids": p.input_ids.expand(n + 1, -1)}
@@ -590,7 +628,7 @@ def trace_fact_plain(
         for c in range(n_layers):
             scores[t, c] = run({names[l]: t for l in layer_window(c, n_layers, win)})
     return TraceResult(scores, p.clean_prob, corrupted_prob, p.tokens, p.span, kind, p.target, query.prompt,
-                       win, p.std, n_samples)
+                       win, p.std, n_samples, p.replaced_by)
 
 
 @dataclass

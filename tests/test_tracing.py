@@ -320,3 +320,37 @@ def test_spread_over_relations_is_seeded_and_round_robin():
     assert set(spread_over_relations(facts, 10_000)) == set(facts)  # asking for more gives all of them
     with pytest.raises(ValueError):
         spread_over_relations(facts, 0)
+
+
+# ------------------------------------------------------------------------------------------ symmetric token replacement
+
+def test_replacement_runs_the_prompt_of_the_other_subject(tiny, tok):
+    """Corrupting by replacement gives exactly the other subject's prompt: its probability of the target."""
+    other = "Louvre Museum"
+    assert len(tok(" " + other, add_special_tokens=False)["input_ids"]) == \
+        len(tok(" " + SUBJECT, add_special_tokens=False)["input_ids"])
+    probs = tracing.corrupted_probs(tiny, tok, QUERY, n_samples=1, replace_with=other)
+    swapped = next_token_probs(tiny, tok, QUERY.template.format(other))[0, tok(" Paris")["input_ids"][0]]
+    assert float(probs[0]) == pytest.approx(float(swapped), rel=1e-4)
+    delta = tracing.subject_replacement(tiny, tok, QUERY, other)
+    assert delta.shape == (1, len(tok(" " + SUBJECT, add_special_tokens=False)["input_ids"]), 32)
+
+
+@pytest.mark.parametrize("kind", tracing.KINDS)
+def test_replacement_trace_equals_the_plain_loop(tiny, tok, kind):
+    kw = dict(kind=kind, n_samples=1, window=3, replace_with="Louvre Museum")
+    fast = tracing.trace_fact(tiny, tok, QUERY, **kw)
+    plain = tracing.trace_fact_plain(tiny, tok, QUERY, **kw)
+    np.testing.assert_allclose(fast.scores, plain.scores, rtol=1e-4, atol=1e-7)
+    assert fast.replaced_by == plain.replaced_by == "Louvre Museum" and fast.noise_std == 0.0
+    if kind == "layer":  # the last layer's clean state at the last token gives back the clean output
+        assert fast.scores[-1, -1] == pytest.approx(fast.clean_prob, rel=1e-4)
+
+
+def test_replacement_rejects_bad_subjects(tiny, tok):
+    with pytest.raises(ValueError, match="same number of tokens"):
+        tracing.trace_fact(tiny, tok, QUERY, n_samples=1, replace_with="Rome")
+    with pytest.raises(ValueError, match="different subject"):
+        tracing.subject_replacement(tiny, tok, QUERY, SUBJECT)
+    with pytest.raises(ValueError, match="n_samples=1"):
+        tracing.trace_fact(tiny, tok, QUERY, n_samples=3, replace_with="Louvre Museum")
