@@ -141,6 +141,21 @@ def subject_replacement(model: nn.Module, tok, query: Query, other: str) -> torc
     return (embed(ids_other) - embed(ids))[:, span[0]:span[1]].float()
 
 
+def replacement_subject(tok, fact, candidates: list) -> str | None:
+    """A subject to put in ``fact``'s place for symmetric token replacement, or ``None`` if there is none.
+
+    The first of ``candidates`` (facts) with the same relation, another true object (so that the replaced
+    prompt does not still call for the answer) and as many tokens in ``fact``'s template as its subject.
+    """
+    span = subject_span(tok, fact.query())
+    for other in candidates:
+        if other.relation != fact.relation or other.target_true == fact.target_true or other.subject == fact.subject:
+            continue
+        if subject_span(tok, Query(fact.template, other.subject)) == span:
+            return other.subject
+    return None
+
+
 def restore_state(corrupted: torch.Tensor, clean: torch.Tensor, rows: torch.Tensor,
                   positions: torch.Tensor) -> torch.Tensor:
     """Copy clean states into a corrupted module output; a new tensor.

@@ -354,3 +354,15 @@ def test_replacement_rejects_bad_subjects(tiny, tok):
         tracing.subject_replacement(tiny, tok, QUERY, SUBJECT)
     with pytest.raises(ValueError, match="n_samples=1"):
         tracing.trace_fact(tiny, tok, QUERY, n_samples=3, replace_with="Louvre Museum")
+
+
+def test_replacement_subject_same_relation_other_answer_same_length(tok):
+    from engram_helpers.data import load_facts
+
+    facts = load_facts()
+    eiffel = next(f for f in facts if f.subject == "Eiffel Tower")
+    other = tracing.replacement_subject(tok, eiffel, facts)
+    match = next(f for f in facts if f.subject == other)
+    assert match.relation == eiffel.relation and match.target_true != "Paris"
+    assert len(tok(" " + other, add_special_tokens=False)["input_ids"]) == 3
+    assert tracing.replacement_subject(tok, eiffel, [eiffel]) is None
