@@ -109,15 +109,15 @@ def check_replacement_traces(model, tok, traces, facts: list, kind: str = "mlp",
     if len(results) != len(traces.queries):
         raise CheckFailed(f"{len(traces.queries)} queries but {len(results)} {kind!r} traces: one trace per query.")
     by_query = {f.query(): f for f in facts}
-    subjects = {f.subject: f for f in load_facts()}
+    dataset = load_facts()
     for query, r in zip(traces.queries, results):
         fact = by_query.get(query)
         if fact is None:
             raise CheckFailed(f"{query.prompt!r} is not one of the facts you were given: trace fact.query().")
         if not r.replaced_by:
             raise CheckFailed(f"{fact.subject!r} was traced with Gaussian noise: pass replace_with=<other subject>.")
-        other = subjects.get(r.replaced_by)
-        if other is None or other.relation != fact.relation or other.subject == fact.subject:
+        other = next((g for g in dataset if g.subject == r.replaced_by and g.relation == fact.relation), None)
+        if other is None or other.subject == fact.subject:
             raise CheckFailed(f"{r.replaced_by!r} is not another subject of the relation {fact.relation!r} in the "
                               f"dataset: take the replacement from the facts of the same relation.")
         if other.target_true == fact.target_true:
