@@ -144,12 +144,14 @@ def subject_replacement(model: nn.Module, tok, query: Query, other: str) -> torc
 def replacement_subject(tok, fact, candidates: list) -> str | None:
     """A subject to put in ``fact``'s place for symmetric token replacement, or ``None`` if there is none.
 
-    The first of ``candidates`` (facts) with the same relation, another true object (so that the replaced
-    prompt does not still call for the answer) and as many tokens in ``fact``'s template as its subject.
+    The first of ``candidates`` (facts) with the same relation, another true object whose first token differs
+    (so that the replaced prompt does not still call for the scored answer token) and as many tokens in
+    ``fact``'s template as its subject.
     """
     span = subject_span(tok, fact.query())
     for other in candidates:
-        if other.relation != fact.relation or other.target_true == fact.target_true or other.subject == fact.subject:
+        if (other.relation != fact.relation or other.subject == fact.subject
+                or first_token_id(tok, other.target_true) == first_token_id(tok, fact.target_true)):
             continue
         if subject_span(tok, Query(fact.template, other.subject)) == span:
             return other.subject
