@@ -116,6 +116,48 @@ def corrupt_embeddings(embeds: torch.Tensor, span: tuple[int, int], noise: torch
     return out
 
 
+@torch.no_grad()
+def subject_replacement(model: nn.Module, tok, query: Query, other: str) -> torch.Tensor:
+    """Symmetric token replacement (Zhang & Nanda 2024): what turns the subject's embeddings into those of
+    ``other``, a different subject with as many tokens in this template. [1, span length, d]
+
+    Added to the subject's embeddings like noise, it gives exactly the embeddings of the prompt with
+    ``other`` in the subject's place, so the corrupted run is a real prompt about another subject.
+    """
+    if other.strip() == query.subject:
+        raise ValueError(f"Replace the subject {query.subject!r} with a different subject of the same relation.")
+    swapped = Query(query.template, other.strip(), query.target)
+    span, span_other = subject_span(tok, query), subject_span(tok, swapped)
+    device = next(model.parameters()).device
+    ids = encode(tok, query.prompt, device)[0]["input_ids"]
+    ids_other = encode(tok, swapped.prompt, device)[0]["input_ids"]
+    outside = torch.ones(ids.shape[1], dtype=torch.bool)
+    outside[span[0]:span[1]] = False
+    if span != span_other or ids.shape != ids_other.shape or not torch.equal(ids[0, outside], ids_other[0, outside]):
+        raise ValueError(f"{other!r} is tokens {span_other} of its prompt where {query.subject!r} is tokens {span}: "
+                         f"symmetric token replacement needs a subject with the same number of tokens (and the "
+                         f"rest of the prompt unchanged). Choose another subject.")
+    embed = get_module(model, arch(model).embed)
+    return (embed(ids_other) - embed(ids))[:, span[0]:span[1]].float()
+
+
+def replacement_subject(tok, fact, candidates: list) -> str | None:
+    """A subject to put in ``fact``'s place for symmetric token replacement, or ``None`` if there is none.
+
+    The first of ``candidates`` (facts) with the same relation, another true object whose first token differs
+    (so that the replaced prompt does not still call for the scored answer token) and as many tokens in
+    ``fact``'s template as its subject.
+    """
+    span = subject_span(tok, fact.query())
+    for other in candidates:
+        if (other.relation != fact.relation or other.subject == fact.subject
+                or first_token_id(tok, other.target_true) == first_token_id(tok, fact.target_true)):
+            continue
+        if subject_span(tok, Query(fact.template, other.subject)) == span:
+            return other.subject
+    return None
+
+
 def restore_state(corrupted: torch.Tensor, clean: torch.Tensor, rows: torch.Tensor,
                   positions: torch.Tensor) -> torch.Tensor:
     """Copy clean states into a corrupted module output; a new tensor.
@@ -172,6 +214,7 @@ class TraceResult:
     window: int = 1
     noise_std: float = 0.0
     n_samples: int = 0
+    replaced_by: str = ""  # symmetric token replacement: the subject put in place of the subject ("" = noise)
 
     @property
     def effects(self) -> np.ndarray:
@@ -333,10 +376,11 @@ class _Prepared:
     clean_prob: float
     noise: torch.Tensor          # [n_samples, span length, d]
     std: float
+    replaced_by: str = ""
 
 
 @torch.no_grad()
-def _prepare(model, tok, query: Query, noise_std, n_samples, seed) -> _Prepared:
+def _prepare(model, tok, query: Query, noise_std, n_samples, seed, replace_with: str | None = None) -> _Prepared:
     if not isinstance(query, Query):
         raise TypeError(f"Tracing takes a Query (e.g. fact.query() or Query('The {{}} is in', 'Eiffel Tower')), "
                         f"got {type(query).__name__}.")
@@ -351,10 +395,16 @@ def _prepare(model, tok, query: Query, noise_std, n_samples, seed) -> _Prepared:
         target = tok.decode([target_id]).strip()
     else:
         target, target_id = query.target, first_token_id(tok, query.target)
+    tokens = [tok.decode([int(i)]) for i in batch["input_ids"][0]]
+    if replace_with is not None:  # symmetric token replacement: one deterministic corruption
+        if n_samples != 1:
+            raise ValueError(f"Replacing the subject with {replace_with!r} is one deterministic corruption: "
+                             f"use n_samples=1 (got {n_samples}).")
+        return _Prepared(batch["input_ids"], int(last[0]), span, tokens, target, target_id, float(probs[target_id]),
+                         subject_replacement(model, tok, query, replace_with), 0.0, replace_with.strip())
     std = noise_level(model, tok) if noise_std is None else float(noise_std)
     d_model = model.get_input_embeddings().weight.shape[1]
     noise = make_noise(n_samples, span, d_model, std, seed).to(device)
-    tokens = [tok.decode([int(i)]) for i in batch["input_ids"][0]]
     return _Prepared(batch["input_ids"], int(last[0]), span, tokens, target, target_id, float(probs[target_id]),
                      noise, std)
 
@@ -396,82 +446,81 @@ def _corrupted_run(model, p: _Prepared):
 
 @torch.no_grad()
 def corrupted_probs(model: nn.Module, tok, query: Query, noise_std: float | None = None, n_samples: int = 10,
-                    seed: int = 0) -> torch.Tensor:
+                    seed: int = 0, replace_with: str | None = None) -> torch.Tensor:
     """The answer's probability with the subject corrupted and nothing restored, per noise sample: [n_samples].
 
     Same noise as :func:`trace_fact` with the same ``noise_std``, ``n_samples`` and ``seed``; its mean is
-    :attr:`TraceResult.corrupted_prob`.
+    :attr:`TraceResult.corrupted_prob`. ``replace_with``: see :func:`trace_fact`.
     """
-    p = _prepare(model, tok, query, noise_std, n_samples, seed)
+    p = _prepare(model, tok, query, noise_std, n_samples, seed, replace_with)
     return _corrupted_run(model, p)[0].cpu()
 
 
 @torch.no_grad()
-def _restored_probs(model, names: list[str], p: _Prepared, clean: torch.Tensor, cache, t: int,
-                    windows: list[list[int]], kind: str) -> torch.Tensor:
-    """Target probability for restorations at token ``t``, one per window of layers; mean over the noise
-    samples. [len(windows)]
+def _restored_probs(model, p: _Prepared, clean: dict[str, torch.Tensor], cache, t: int,
+                    restorations: list[tuple[str, list[int]]]) -> torch.Tensor:
+    """Target probability for restorations at token ``t``, each a ``(kind, window of layers)``; mean over
+    the noise samples. [len(restorations)]
 
-    Only positions ``t..`` are computed; the keys and values of the positions before ``t`` come from the
-    corrupted run's ``cache``. The batch starts as the n corrupted rows (block 0, one row per noise sample)
-    and each restoration's block of n rows is split off from block 0 where it first differs: at its first
-    restored layer's input (``"mlp"``, ``"attn"``), or at its restored layer's output (``"layer"``).
+    ``clean``: the clean run's output of every restored module, ``{module name: [seq, d]}``. Only positions
+    ``t..`` are computed; the keys and values of the positions before ``t`` come from the corrupted run's
+    ``cache``. The batch starts as the n corrupted rows (block 0, one row per noise sample) and each
+    restoration's block of n rows is split off from block 0 where it first differs: at its first restored
+    layer's input (``"mlp"``, ``"attn"``), or at its restored layer's output (``"layer"``). Restorations of
+    different kinds share one pass.
     """
     from transformers import DynamicCache
 
     a = arch(model)
-    n, n_layers = p.noise.shape[0], len(names)
+    n = p.noise.shape[0]
+    layer_names = a.names("layer")
+    layer_index = {name: i for i, name in enumerate(layer_names)}
     # Where each restoration joins: before layer j (j = its first layer), or for "layer" after layer c,
     # i.e. before layer c + 1. Blocks are ordered by joining point.
-    join = [w[-1] + 1 if kind == "layer" else w[0] for w in windows]
-    order = sorted(range(len(windows)), key=lambda r: join[r])
-    block = {r: i + 1 for i, r in enumerate(order)}          # block 0: the plain corrupted rows
-    rows_of = {r: torch.arange(block[r] * n, block[r] * n + n) for r in order}
+    join = [w[-1] + 1 if kind == "layer" else w[0] for kind, w in restorations]
+    order = sorted(range(len(restorations)), key=lambda r: join[r])
+    rows_of = {r: torch.arange((i + 1) * n, (i + 2) * n) for i, r in enumerate(order)}  # block 0: corrupted
+    joining = {j: [r for r in order if join[r] == j] for j in set(join)}
+    restoring: dict[str, list[int]] = {}                     # module name -> restorations that restore it
+    for r, (kind, w) in enumerate(restorations):
+        for l in w:
+            restoring.setdefault(a.names(kind)[l], []).append(r)
 
     def n_blocks_before(layer: int) -> int:                  # blocks that exist at the input of `layer`
-        return 1 + sum(1 for r in order if join[r] <= layer)
+        return 1 + sum(1 for j in join if j <= layer)
 
     noise = _noise_from(p, t)
 
-    def widen(x: torch.Tensor, joining: list[int]) -> torch.Tensor:
-        return torch.cat([x, x[:n].repeat(len(joining), 1, 1)]) if joining else x
-
-    def at_input_of_first_layer(x: torch.Tensor) -> torch.Tensor:
-        x = x + noise.to(x.dtype)
-        return widen(x, [r for r in order if kind != "layer" and join[r] == 0])
+    def widen(x: torch.Tensor, j: int) -> torch.Tensor:
+        rs = joining.get(j, [])
+        return torch.cat([x, x[:n].repeat(len(rs), 1, 1)]) if rs else x
 
     def edit(out: torch.Tensor, name: str) -> torch.Tensor:
         if name in layer_index:                               # a decoder layer's output: blocks join here
-            out = widen(out, [r for r in order if join[r] == layer_index[name] + 1 and kind != "layer"])
-        if name in names:
-            l = names.index(name)
-            if kind == "layer":
-                out = widen(out, [r for r in order if join[r] == l + 1])
-            here = [r for r in order if l in windows[r]]
-            if here:
-                rows = torch.cat([rows_of[r] for r in here]).to(out.device)
-                out = restore_state(out, clean[l, t:], rows, torch.zeros_like(rows))
+            out = widen(out, layer_index[name] + 1)
+        if name in restoring:
+            rows = torch.cat([rows_of[r] for r in restoring[name]]).to(out.device)
+            out = restore_state(out, clean[name][t:], rows, torch.zeros_like(rows))
         return out
 
-    layer_names = a.names("layer")
-    layer_index = {name: i for i, name in enumerate(layer_names)}
-    hooked = list(dict.fromkeys([*layer_names, *names]))
+    hooked = list(dict.fromkeys([*layer_names, *restoring]))
     cache_in = None
     if t > 0:
         cache_in = DynamicCache(config=model.config)
-        for l, layer in enumerate(cache.layers[:n_layers]):
+        for l, layer in enumerate(cache.layers[:len(layer_names)]):
             k = n_blocks_before(l)
             # DynamicCache of these models holds DynamicLayers; transformers types .layers as a union of mixins
             cache_in.layers[l].update(layer.keys[:, :, :t].repeat(k, 1, 1, 1),  # type: ignore[union-attr]
                                       layer.values[:, :, :t].repeat(k, 1, 1, 1))
     with ExitStack() as stack:
-        stack.enter_context(trace(model, layer_names[0], retain_output=False, edit_input=at_input_of_first_layer))
+        stack.enter_context(trace(model, layer_names[0], retain_output=False,
+                                  edit_input=lambda x: widen(x + noise.to(x.dtype), 0)))
         stack.enter_context(trace_many(model, hooked, retain_output=False, edit_output=edit))
         hidden = model.base_model(input_ids=p.input_ids[:, t:], use_cache=cache_in is not None,
                                   **cache_kwargs(model.base_model, cache_in)).last_hidden_state
     logits = model.get_output_embeddings()(hidden[n:, -1])
     probs = torch.softmax(logits.float(), dim=-1)[:, p.target_id].reshape(len(order), n).mean(dim=1).cpu()
-    out = torch.empty(len(windows))
+    out = torch.empty(len(restorations))
     out[torch.tensor(order)] = probs
     return out
 
@@ -487,6 +536,7 @@ def trace_fact(
     window: int = 10,
     seed: int = 0,
     batch_size: int = 1024,
+    replace_with: str | None = None,
 ) -> TraceResult:
     """Causal trace of one query: restore each (token, layer) in turn; see the module docstring.
 
@@ -494,30 +544,60 @@ def trace_fact(
     ``kind``: ``"layer"`` (residual stream, one layer), ``"mlp"`` or ``"attn"`` (``window`` layers).
     ``noise_std``: default :func:`noise_level` (3 × the subjects' embedding std). Noise samples are shared
     by all restorations and fixed by ``seed``. At most ``batch_size`` rows (restorations × samples) per pass.
+    ``replace_with``: instead of noise, corrupt by symmetric token replacement: put this other subject (same
+    number of tokens) in the subject's place (:func:`subject_replacement`; needs ``n_samples=1``).
     """
-    names = _module_names(model, kind)
-    p = _prepare(model, tok, query, noise_std, n_samples, seed)
-    n_layers, n_tokens, n = len(names), len(p.tokens), n_samples
-    win = 1 if kind == "layer" else window
+    return trace_all(model, tok, query, (kind,), noise_std, n_samples, window, seed, batch_size, replace_with)[kind]
+
+
+@torch.no_grad()
+def trace_all(
+    model: nn.Module,
+    tok,
+    query: Query,
+    kinds: tuple[str, ...] = KINDS,
+    noise_std: float | None = None,
+    n_samples: int = 10,
+    window: int = 10,
+    seed: int = 0,
+    batch_size: int = 1024,
+    replace_with: str | None = None,
+) -> dict[str, TraceResult]:
+    """:func:`trace_fact` for each of ``kinds`` (default all three): ``{kind: TraceResult}``.
+
+    The kinds share one clean run, one corrupted run, the same noise samples and the forward passes of the
+    restorations (all restorations at one token, of every kind, run as one batch), so tracing three kinds
+    here is cheaper than three calls of :func:`trace_fact` and gives the same scores.
+    """
+    if not kinds:
+        raise ValueError(f"Give at least one kind to trace, from {list(KINDS)}.")
+    names = {kind: _module_names(model, kind) for kind in kinds}
+    p = _prepare(model, tok, query, noise_std, n_samples, seed, replace_with)
+    n_tokens, n = len(p.tokens), n_samples
     probs, cache = _corrupted_run(model, p)
     corrupted_prob = float(probs.mean())
 
-    # The clean run, once: every hooked module's output at every token. [n_layers, seq, d]
+    # The clean run, once: every restored module's output at every token, {name: [seq, d]}.
     lm: Any = model  # a transformers PreTrainedModel: nn.Module does not declare base_model
-    with trace_many(model, names) as clean_rec:
+    hooked = list(dict.fromkeys(m for k in kinds for m in names[k]))
+    with trace_many(model, hooked) as clean_rec:
         lm.base_model(input_ids=p.input_ids)
-    clean = torch.stack([cast(torch.Tensor, clean_rec[m].output)[0] for m in names])
+    clean = {m: cast(torch.Tensor, clean_rec[m].output)[0] for m in hooked}
 
+    wins = {k: 1 if k == "layer" else window for k in kinds}
+    # Every restoration at one token, all kinds: (kind, window centre, layers restored).
+    todo = [(k, c, layer_window(c, len(names[k]), wins[k])) for k in kinds for c in range(len(names[k]))]
     # Tokens before the subject: the noise cannot reach them, restoring them changes nothing.
-    scores = torch.full((n_tokens, n_layers), corrupted_prob)
-    windows = [layer_window(c, n_layers, win) for c in range(n_layers)]
+    scores = {k: torch.full((n_tokens, len(names[k])), corrupted_prob) for k in kinds}
     per_pass = max(1, batch_size // n - 1)
     for t in range(p.span[0], n_tokens):
-        for start in range(0, n_layers, per_pass):
-            centres = list(range(start, min(n_layers, start + per_pass)))
-            scores[t, centres] = _restored_probs(model, names, p, clean, cache, t, [windows[c] for c in centres], kind)
-    return TraceResult(scores.numpy(), p.clean_prob, corrupted_prob, p.tokens, p.span, kind, p.target,
-                       query.prompt, win, p.std, n_samples)
+        for start in range(0, len(todo), per_pass):
+            part = todo[start:start + per_pass]
+            got = _restored_probs(model, p, clean, cache, t, [(k, w) for k, _, w in part])
+            for (k, c, _), value in zip(part, got):
+                scores[k][t, c] = value
+    return {k: TraceResult(scores[k].numpy(), p.clean_prob, corrupted_prob, p.tokens, p.span, k, p.target,
+                           query.prompt, wins[k], p.std, n_samples, p.replaced_by) for k in kinds}
 
 
 @torch.no_grad()
@@ -530,6 +610,7 @@ def trace_fact_plain(
     n_samples: int = 10,
     window: int = 10,
     seed: int = 0,
+    replace_with: str | None = None,
 ) -> TraceResult:
     """The paper's plain loop: one forward pass per (token, layer), batch = 1 clean row + the noise samples.
 
@@ -537,7 +618,7 @@ def trace_fact_plain(
     arguments and same noise as :func:`trace_fact`, so both give the same scores; this one is slower.
     """
     names = _module_names(model, kind)
-    p = _prepare(model, tok, query, noise_std, n_samples, seed)
+    p = _prepare(model, tok, query, noise_std, n_samples, seed, replace_with)
     n_layers, n_tokens, n = len(names), len(p.tokens), n_samples
     win = 1 if kind == "layer" else window
     batch = {"input_ids": p.input_ids.expand(n + 1, -1)}
@@ -564,12 +645,7 @@ def trace_fact_plain(
         for c in range(n_layers):
             scores[t, c] = run({names[l]: t for l in layer_window(c, n_layers, win)})
     return TraceResult(scores, p.clean_prob, corrupted_prob, p.tokens, p.span, kind, p.target, query.prompt,
-                       win, p.std, n_samples)
-
-
-def trace_all(model: nn.Module, tok, query: Query, kinds: tuple[str, ...] = KINDS, **kw) -> dict[str, TraceResult]:
-    """:func:`trace_fact` for each kind (default all three): ``{kind: TraceResult}``."""
-    return {k: trace_fact(model, tok, query, kind=k, **kw) for k in kinds}
+                       win, p.std, n_samples, p.replaced_by)
 
 
 @dataclass
@@ -597,17 +673,24 @@ class FactTraces:
 
 
 def trace_facts(model: nn.Module, tok, queries: list[Query], kinds: tuple[str, ...] = KINDS,
-                progress: bool = True, **kw) -> FactTraces:
-    """:func:`trace_all` for each query, with a progress line per query; ``kw`` go to :func:`trace_fact`.
+                progress: bool = True, seeds: list[int] | None = None, **kw) -> FactTraces:
+    """:func:`trace_all` for each query, with a progress line per query; ``kw`` go to :func:`trace_all`.
 
-    The same noise settings and seed are used for every query.
+    ``seeds``: one noise seed per query, so that the facts get independent noise samples (and a bootstrap
+    over facts includes the noise's variation); default: ``kw["seed"]`` (or 0) for every query.
     """
     if not queries:
         raise ValueError("trace_facts needs at least one query (e.g. [f.query() for f in facts]).")
+    if seeds is not None:
+        if "seed" in kw:
+            raise ValueError("Give either seed (the same for every query) or seeds (one per query), not both.")
+        if len(seeds) != len(queries):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(queries)} queries: give one per query.")
+    seeds = [kw.pop("seed", 0)] * len(queries) if seeds is None else list(seeds)
     results: dict[str, list[TraceResult]] = {k: [] for k in kinds}
     start = time.perf_counter()
-    for i, q in enumerate(queries):
-        for k, r in trace_all(model, tok, q, kinds=kinds, **kw).items():
+    for i, (q, seed) in enumerate(zip(queries, seeds)):
+        for k, r in trace_all(model, tok, q, kinds=kinds, seed=seed, **kw).items():
             results[k].append(r)
         if progress:
             print(f"\r{i + 1}/{len(queries)} traced ({time.perf_counter() - start:.0f} s)", end="", flush=True)

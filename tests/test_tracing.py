@@ -136,6 +136,33 @@ def test_fast_trace_equals_the_plain_loop_on_gpt2(tiny_gpt2, tok, kind):
     assert fast.scores.shape == (len(fast.tokens), 4)
 
 
+@pytest.mark.parametrize("batch_size", [5, 1024])
+def test_trace_all_kinds_in_one_pass_equals_the_plain_loop(tiny, tok, batch_size):
+    """All three kinds share the clean, corrupted and restored passes (split into parts by batch_size)."""
+    kw = dict(noise_std=0.6, n_samples=2, window=3, seed=4)
+    both = tracing.trace_all(tiny, tok, QUERY, batch_size=batch_size, **kw)
+    assert list(both) == list(tracing.KINDS)
+    for kind, r in both.items():
+        plain = tracing.trace_fact_plain(tiny, tok, QUERY, kind=kind, **kw)
+        np.testing.assert_allclose(r.scores, plain.scores, rtol=1e-4, atol=1e-7)
+        assert r.kind == kind and r.window == (1 if kind == "layer" else 3)
+    with pytest.raises(ValueError, match="kind"):
+        tracing.trace_all(tiny, tok, QUERY, kinds=(), **kw)
+
+
+def test_trace_facts_gives_each_query_its_seed(tiny, tok):
+    queries = [QUERY, Query("The capital of {} is", "France", "Paris")]
+    many = tracing.trace_facts(tiny, tok, queries, kinds=("attn",), seeds=[3, 7], noise_std=1.0, n_samples=2,
+                               window=2, progress=False)
+    for q, seed, r in zip(queries, [3, 7], many.results["attn"]):
+        alone = tracing.trace_fact(tiny, tok, q, kind="attn", noise_std=1.0, n_samples=2, window=2, seed=seed)
+        np.testing.assert_array_equal(r.scores, alone.scores)
+    with pytest.raises(ValueError, match="one per query"):
+        tracing.trace_facts(tiny, tok, queries, seeds=[1], noise_std=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        tracing.trace_facts(tiny, tok, queries, seeds=[1, 2], seed=0, noise_std=1.0)
+
+
 def test_fast_trace_equals_the_plain_loop_with_subject_first(tiny, tok):
     """A subject at position 1 right after the prefix token, and a one-token answer position."""
     q = Query("{} is located in the city of", "Big Ben", "London")
@@ -293,3 +320,49 @@ def test_spread_over_relations_is_seeded_and_round_robin():
     assert set(spread_over_relations(facts, 10_000)) == set(facts)  # asking for more gives all of them
     with pytest.raises(ValueError):
         spread_over_relations(facts, 0)
+
+
+# ------------------------------------------------------------------------------------------ symmetric token replacement
+
+def test_replacement_runs_the_prompt_of_the_other_subject(tiny, tok):
+    """Corrupting by replacement gives exactly the other subject's prompt: its probability of the target."""
+    other = "Louvre Museum"
+    assert len(tok(" " + other, add_special_tokens=False)["input_ids"]) == \
+        len(tok(" " + SUBJECT, add_special_tokens=False)["input_ids"])
+    probs = tracing.corrupted_probs(tiny, tok, QUERY, n_samples=1, replace_with=other)
+    swapped = next_token_probs(tiny, tok, QUERY.template.format(other))[0, tok(" Paris")["input_ids"][0]]
+    assert float(probs[0]) == pytest.approx(float(swapped), rel=1e-4)
+    delta = tracing.subject_replacement(tiny, tok, QUERY, other)
+    assert delta.shape == (1, len(tok(" " + SUBJECT, add_special_tokens=False)["input_ids"]), 32)
+
+
+@pytest.mark.parametrize("kind", tracing.KINDS)
+def test_replacement_trace_equals_the_plain_loop(tiny, tok, kind):
+    kw = dict(kind=kind, n_samples=1, window=3, replace_with="Louvre Museum")
+    fast = tracing.trace_fact(tiny, tok, QUERY, **kw)
+    plain = tracing.trace_fact_plain(tiny, tok, QUERY, **kw)
+    np.testing.assert_allclose(fast.scores, plain.scores, rtol=1e-4, atol=1e-7)
+    assert fast.replaced_by == plain.replaced_by == "Louvre Museum" and fast.noise_std == 0.0
+    if kind == "layer":  # the last layer's clean state at the last token gives back the clean output
+        assert fast.scores[-1, -1] == pytest.approx(fast.clean_prob, rel=1e-4)
+
+
+def test_replacement_rejects_bad_subjects(tiny, tok):
+    with pytest.raises(ValueError, match="same number of tokens"):
+        tracing.trace_fact(tiny, tok, QUERY, n_samples=1, replace_with="Rome")
+    with pytest.raises(ValueError, match="different subject"):
+        tracing.subject_replacement(tiny, tok, QUERY, SUBJECT)
+    with pytest.raises(ValueError, match="n_samples=1"):
+        tracing.trace_fact(tiny, tok, QUERY, n_samples=3, replace_with="Louvre Museum")
+
+
+def test_replacement_subject_same_relation_other_answer_same_length(tok):
+    from engram_helpers.data import load_facts
+
+    facts = load_facts()
+    eiffel = next(f for f in facts if f.subject == "Eiffel Tower")
+    other = tracing.replacement_subject(tok, eiffel, facts)
+    match = next(f for f in facts if f.subject == other)
+    assert match.relation == eiffel.relation and match.target_true != "Paris"
+    assert len(tok(" " + other, add_special_tokens=False)["input_ids"]) == 3
+    assert tracing.replacement_subject(tok, eiffel, [eiffel]) is None

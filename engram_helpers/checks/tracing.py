@@ -87,3 +87,54 @@ def check_token_categories(categories: Callable) -> None:
                     f"category can be empty, and the first token after the subject can also be the last token."
                 )
     passed("token categories")
+
+
+def check_replacement_traces(model, tok, traces, facts: list, kind: str = "mlp", window: int = 10) -> None:
+    """``replacement_traces(...) -> tracing.FactTraces``: for facts of ``facts``, ``kind`` traces whose corruption
+    replaced the subject by another subject of the same relation, with as many tokens and another answer.
+
+    Verifies what can be verified: the settings (kind, window, one run per fact, replacement rather than
+    noise), the shapes, that each replacement is a real subject of the same relation with another true
+    object, and, by running the swapped prompt, that the corrupted run really was that prompt.
+    """
+    from ..data import load_facts
+    from ..models import arch, first_token_id, next_token_probs
+
+    if not isinstance(traces, tracing.FactTraces):
+        raise CheckFailed(f"Return a tracing.FactTraces (e.g. tracing.FactTraces(queries, {{{kind!r}: results}})), "
+                          f"got {type(traces).__name__}.")
+    if kind not in traces.results or not traces.results[kind]:
+        raise CheckFailed(f"No {kind!r} traces: trace kind={kind!r} (traced kinds: {list(traces.results)}).")
+    results = traces.results[kind]
+    if len(results) != len(traces.queries):
+        raise CheckFailed(f"{len(traces.queries)} queries but {len(results)} {kind!r} traces: one trace per query.")
+    by_query = {f.query(): f for f in facts}
+    dataset = load_facts()
+    for query, r in zip(traces.queries, results):
+        fact = by_query.get(query)
+        if fact is None:
+            raise CheckFailed(f"{query.prompt!r} is not one of the facts you were given: trace fact.query().")
+        if not r.replaced_by:
+            raise CheckFailed(f"{fact.subject!r} was traced with Gaussian noise: pass replace_with=<other subject>.")
+        other = next((g for g in dataset if g.subject == r.replaced_by and g.relation == fact.relation), None)
+        if other is None or other.subject == fact.subject:
+            raise CheckFailed(f"{r.replaced_by!r} is not another subject of the relation {fact.relation!r} in the "
+                              f"dataset: take the replacement from the facts of the same relation.")
+        if other.target_true == fact.target_true:
+            raise CheckFailed(f"{r.replaced_by!r} has the same answer as {fact.subject!r} ({fact.target_true!r}): "
+                              f"the corrupted run would still give the answer. Choose a subject with another answer.")
+        if r.n_samples != 1 or r.window != window or r.kind != kind:
+            raise CheckFailed(f"Trace kind={kind!r}, window={window}, n_samples=1 (got kind={r.kind!r}, "
+                              f"window={r.window}, n_samples={r.n_samples}).")
+        n_layers = len(arch(model).names(kind))
+        if r.scores.shape != (len(r.tokens), n_layers):
+            raise CheckFailed(f"scores of shape {r.scores.shape}, expected (tokens, layers) = "
+                              f"{(len(r.tokens), n_layers)}.")
+        swapped = fact.template.format(r.replaced_by)
+        p_swapped = float(next_token_probs(model, tok, swapped)[0, first_token_id(tok, fact.target_true)])
+        if abs(p_swapped - r.corrupted_prob) > 1e-7 + 1e-3 * p_swapped:  # float32 rounding, also for tiny p
+            raise CheckFailed(f"The corrupted run of {fact.subject!r} gives p({fact.target_true}) = "
+                              f"{r.corrupted_prob:.4f}, but the prompt {swapped!r} gives {p_swapped:.4f}: the "
+                              f"subject's tokens were not replaced by those of {r.replaced_by!r}.")
+    passed("replacement traces")
+
