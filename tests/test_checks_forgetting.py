@@ -9,10 +9,10 @@ import torch
 
 from engram_helpers import forgetting as F
 from engram_helpers import weights
-from engram_helpers.hooks import get_module
-from engram_helpers.models import arch
 from engram_helpers.checks import CheckFailed
 from engram_helpers.checks import forgetting as C
+from engram_helpers.hooks import get_module
+from engram_helpers.models import arch
 
 
 def test_reference_implementations_pass():

@@ -8,10 +8,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from engram_helpers import evaluation
+from engram_helpers import evaluation, weights
 from engram_helpers import grafting as G
 from engram_helpers import textdata as T
-from engram_helpers import weights
 
 
 def tiny_classifier(seed: int = 0) -> G.CosineClassifier:

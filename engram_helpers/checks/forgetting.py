@@ -121,6 +121,7 @@ def _tiny_lm(kind: str) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    model: nn.Module
     if kind == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=3, n_head=4,
                                                     bos_token_id=0, eos_token_id=0))
