@@ -7,7 +7,8 @@ bit and stacks with edits; masks are :data:`weights.Mask` (parameter name → bo
   output projection, which removes their contribution exactly: :func:`neuron_mask` turns a neuron set
   (bool [n_layers, d_mlp]) into a parameter mask, :func:`lesion_neurons` applies it.
 - Neuron sets: :func:`random_neurons` (scattered), :func:`layer_block` and :func:`neuron_block` (contiguous
-  regions, as Lashley's cortical lesions), :func:`top_neurons` (best-scored, optionally excluding some).
+  regions, as Lashley's cortical lesions), :func:`top_neurons` (best-scored, optionally excluding some),
+  :func:`output_norm_neurons` (a rule from the weights alone: the longest output vectors).
 - :func:`neuron_attribution` scores each neuron by how much zeroing it would lower the log-probability of
   the facts' true objects (first-order estimate, activation × gradient), summed or per fact.
 - :func:`recall` / :func:`target_logprobs` measure facts; :func:`region_lesions` (mass action and
@@ -28,7 +29,7 @@ from torch import nn
 
 from . import weights
 from .data import Fact, is_known
-from .grafting import binarize_topk, bootstrap_ci, random_mask
+from .grafting import binarize_topk, random_mask
 from .hooks import get_module, trace, trace_many
 from .models import arch, encode, first_token_id, next_token_probs
 from .query import Query
@@ -129,6 +130,20 @@ def top_neurons(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = Non
         if k > int((~exclude).sum()):
             raise ValueError(f"k={k} is more than the {int((~exclude).sum())} neurons outside exclude")
     return binarize_topk({"neurons": scores}, k)["neurons"]
+
+
+def output_norms(model: nn.Module) -> torch.Tensor:
+    """The length (L2 norm) of each MLP neuron's output vector, what it writes into the residual stream per unit
+    of activation (see :func:`output_vector`): float [n_layers, d_mlp]. It depends on the weights only, no data."""
+    a = arch(model)
+    dim = 1 if a.out_proj_is_conv1d else 0
+    return torch.stack([_out_weight(model, layer).detach().float().norm(dim=dim).cpu() for layer in range(a.n_layers)])
+
+
+def output_norm_neurons(model: nn.Module, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """A lesion rule that needs no data: the ``k`` neurons with the longest output vectors (:func:`output_norms`)
+    over all layers, never one in ``exclude``. bool [n_layers, d_mlp]; the model is not changed."""
+    return top_neurons(output_norms(model), k, exclude)
 
 
 def layer_block(shape: tuple[int, int], start: int, n_layers: int) -> torch.Tensor:
@@ -492,11 +507,6 @@ def dissociation(model: nn.Module, tok, facts: Sequence[Fact], per_fact_scores: 
     ids = torch.tensor([first_token_id(tok, f.target_true) for f in facts])
     pairs = (ids[:, None] != ids[None, :])
     return Dissociation(drop, drop_random, pairs, k, exclude)
-
-
-def mean_ci(values: torch.Tensor, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and bootstrap 95% interval of ``values`` [n]: ``(mean, low, high)`` (see grafting.bootstrap_ci)."""
-    return bootstrap_ci(values, seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------------------

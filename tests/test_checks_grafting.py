@@ -15,6 +15,7 @@ def test_reference_implementations_pass():
     C.check_base_patch(G.base_patch)
     C.check_binarize_topk(G.binarize_topk)
     C.check_lesion(G.lesion)
+    C.check_layer_budget_patch(G.layer_budget_patch)
 
 
 # --- graft ------------------------------------------------------------------------------------------------
@@ -139,3 +140,42 @@ def lesion_all_missing(theta, reference, region):  # resets names missing from r
 def test_check_lesion_catches(wrong, hint):
     with pytest.raises(CheckFailed, match=hint):
         C.check_lesion(wrong)
+
+
+# --- layer budget (the experiment exercise) --------------------------------------------------------------
+
+
+def budget_global(delta, k):  # the base patch: all layers ranked together
+    return G.base_patch(delta, k)
+
+
+def budget_k_per_layer(delta, k):  # k entries in every layer instead of k in total
+    out = {}
+    for layer in sorted({G.param_layer(n) for n in delta}):
+        part = {n: d for n, d in delta.items() if G.param_layer(n) == layer}
+        out.update(G.base_patch(part, min(k, G.n_params(part))))
+    return out
+
+
+def budget_signed(delta, k):  # ranks the signed change, not |δ|
+    return G.layer_budget_patch({n: d.clamp(min=0) for n, d in delta.items()}, k)
+
+
+def budget_per_tensor(delta, k):  # an even budget per tensor instead of per layer
+    names = list(delta)
+    out = {}
+    for i, n in enumerate(names):
+        share = k // len(names) + (1 if i < k % len(names) else 0)
+        out.update(G.base_patch({n: delta[n]}, min(share, delta[n].numel())))
+    return out
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (budget_global, "not a per-layer"),
+    (budget_k_per_layer, "in total"),
+    (budget_signed, "absolute"),
+    (budget_per_tensor, "layer"),
+])
+def test_check_layer_budget_patch_catches(wrong, hint):
+    with pytest.raises(CheckFailed, match=hint):
+        C.check_layer_budget_patch(wrong)

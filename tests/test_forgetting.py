@@ -93,6 +93,25 @@ def test_output_vector_is_what_the_neuron_adds(tiny_model):
     assert torch.allclose(diff, x[..., 3:4] * F.output_vector(tiny_model, 1, 3), atol=1e-5)
 
 
+def test_output_norm_neurons_rank_output_vectors(tiny_model):
+    """The weight-only rule ranks neurons by the length of the vector each one writes (output_vector)."""
+    norms = F.output_norms(tiny_model)
+    shape = F.mlp_shape(tiny_model)
+    assert norms.shape == shape
+    for layer, neuron in [(0, 0), (1, 3), (shape[0] - 1, shape[1] - 1)]:
+        assert norms[layer, neuron] == pytest.approx(float(F.output_vector(tiny_model, layer, neuron).norm()), rel=1e-5)
+    before = _weights(tiny_model)
+    chosen = F.output_norm_neurons(tiny_model, 6)
+    assert int(chosen.sum()) == 6 and norms[chosen].min() >= norms[~chosen].max()
+    exclude = chosen.clone()
+    second = F.output_norm_neurons(tiny_model, 6, exclude)
+    assert int(second.sum()) == 6 and not (second & exclude).any()
+    assert norms[second].min() >= norms[~(second | exclude)].max()
+    assert _same(tiny_model, before), "choosing neurons leaves the model unchanged"
+    with pytest.raises(ValueError, match="outside exclude"):
+        F.output_norm_neurons(tiny_model, shape[0] * shape[1] - 5, exclude)
+
+
 def test_random_and_top_neurons():
     n = F.random_neurons((4, 10), 13, seed=2)
     assert n.shape == (4, 10) and int(n.sum()) == 13

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
+from engram_helpers import evaluation, weights
 from engram_helpers import grafting as G
 from engram_helpers import textdata as T
-from engram_helpers import weights
 
 
 def tiny_classifier(seed: int = 0) -> G.CosineClassifier:
@@ -180,19 +180,38 @@ def test_sentiment_setup_runs_the_setting_on_the_real_encoder():
         G.sentiment_setup(setting, encoder=enc)
 
 
-def test_bootstrap_ci_and_correct(tuned):
+def test_correct_and_paired_difference_use_the_course_bootstrap(tuned):
     model, names, pre, ft, delta, _, test = tuned
     c = G.correct(model, test, ft)
     assert c.dtype == torch.bool and c.double().mean().item() == pytest.approx(G.accuracy(model, test, ft))
-    mean, lo, hi = G.bootstrap_ci(c.double())
-    assert lo <= mean <= hi and 0 < hi - lo < 0.2
-    assert G.bootstrap_ci(c.double(), seed=3) == G.bootstrap_ci(c.double(), seed=3)
-    assert G.bootstrap_ci(torch.ones(10)) == (1.0, 1.0, 1.0)
-    with pytest.raises(ValueError, match="at least 2"):
-        G.bootstrap_ci(torch.ones(1))
-    diff, lo, hi = G.accuracy_difference(model, test, ft, None)
-    assert diff == pytest.approx(G.accuracy(model, test, ft) - G.accuracy(model, test)) and lo <= diff <= hi
-    assert G.accuracy_difference(model, test, ft, ft) == (0.0, 0.0, 0.0)
+    est = G.accuracy_difference(model, test, ft, None)
+    assert isinstance(est, evaluation.Estimate) and est.n == c.numel()
+    assert est.mean == pytest.approx(G.accuracy(model, test, ft) - G.accuracy(model, test))
+    assert est.lo <= est.mean <= est.hi and 0 < est.hi - est.lo < 0.3
+    same = evaluation.bootstrap((c.double() - G.correct(model, test).double()).numpy())
+    assert (same.mean, same.lo, same.hi) == (est.mean, est.lo, est.hi), "one bootstrap: evaluation.bootstrap"
+    zero = G.accuracy_difference(model, test, ft, ft)
+    assert (zero.mean, zero.lo, zero.hi) == (0.0, 0.0, 0.0)
+    assert not hasattr(G, "bootstrap_ci"), "the duplicate bootstrap is gone"
+
+
+def test_layer_budget_patch_spreads_the_budget(tuned):
+    _, names, pre, _, delta, *_ = tuned
+    layers = sorted({G.param_layer(n) for n in names})
+    for k in (1, 7, 100, 1001):
+        mask = G.layer_budget_patch(delta, k)
+        assert set(mask) == set(delta) and G.mask_size(mask) == k
+        per_layer = [sum(int(mask[n].sum()) for n in names if G.param_layer(n) == layer) for layer in layers]
+        assert max(per_layer) - min(per_layer) <= 1 and per_layer == sorted(per_layer, reverse=True)
+        for layer in layers:  # inside a layer: the largest |δ| of that layer
+            inside = [n for n in names if G.param_layer(n) == layer]
+            chosen = torch.cat([delta[n].abs()[mask[n]] for n in inside])
+            rest = torch.cat([delta[n].abs()[~mask[n]] for n in inside])
+            assert chosen.numel() == 0 or rest.numel() == 0 or chosen.min() >= rest.max()
+    with pytest.raises(ValueError, match="layer number"):
+        G.layer_budget_patch({"head.weight": torch.ones(3)}, 1)
+    with pytest.raises(ValueError, match="k must lie"):
+        G.layer_budget_patch(delta, G.n_params(delta) + 1)
 
 
 def test_region_summary_shares(tuned):

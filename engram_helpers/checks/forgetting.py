@@ -114,3 +114,57 @@ def check_token_rank(fn) -> None:
     assert_close(got.double(), want.double(), "ranks",
                  "Compare each row with its own target probability (gather), and count ties in the token's favour.")
     passed("token_rank")
+
+
+def _tiny_lm(kind: str) -> nn.Module:
+    """A seeded 3-layer language model ("llama" or "gpt2") with random weights: enough to test neuron rules."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model: nn.Module
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=3, n_head=4,
+                                                    bos_token_id=0, eos_token_id=0))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=32))
+    return model.eval().requires_grad_(False)
+
+
+def check_output_norm_neurons(fn) -> None:
+    """``fn(model, k, exclude=None)``: bool [n_layers, d_mlp] with exactly k neurons, the longest output vectors
+    over all layers, none in ``exclude``; the model is left unchanged; a k larger than the free neurons raises."""
+    for kind in ("llama", "gpt2"):
+        model = _tiny_lm(kind)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        shape = ref.mlp_shape(model)
+        exclude = ref.output_norm_neurons(model, 5)  # the five longest: the reader's rule must skip them
+        for k, ex in ((0, None), (1, None), (7, None), (7, exclude), (40, exclude)):
+            got = fn(model, k, ex) if ex is not None else fn(model, k)
+            if not isinstance(got, torch.Tensor) or got.dtype != torch.bool or tuple(got.shape) != shape:
+                raise CheckFailed(f"Return a bool tensor of shape {shape} (layers × MLP neurons), got "
+                                  f"{getattr(got, 'dtype', type(got).__name__)} {tuple(getattr(got, 'shape', ()))}.")
+            if int(got.sum()) != k:
+                raise CheckFailed(f"k={k}: {int(got.sum())} neurons chosen; choose exactly k over all layers "
+                                  f"together (not k per layer).")
+            if ex is not None and bool((got & ex).any()):
+                raise CheckFailed("A neuron in `exclude` was chosen: leave those out before ranking "
+                                  "(e.g. set their scores to -inf).")
+            want = ref.output_norm_neurons(model, k, ex)
+            if not torch.equal(got, want):
+                raise CheckFailed(f"{kind} model, k={k}: not the neurons with the longest output vectors. A neuron's "
+                                  f"output vector is its column of the MLP output projection (a row for GPT-2's "
+                                  f"Conv1D; FG.output_vector(model, layer, neuron) gives it); rank by its L2 norm, "
+                                  f"largest first.")
+        for n, p in model.named_parameters():
+            if not torch.equal(p, before[n]):
+                raise CheckFailed(f"{n!r} changed: choosing neurons must not modify the model.")
+        free = shape[0] * shape[1] - int(exclude.sum())
+        try:
+            fn(model, free + 1, exclude)
+        except ValueError:
+            continue
+        raise CheckFailed(f"k={free + 1} is more than the {free} neurons outside exclude: raise a ValueError "
+                          f"that says so.")
+    passed("output_norm_neurons")

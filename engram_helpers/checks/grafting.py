@@ -1,4 +1,5 @@
-"""Checks for the grafting notebook's exercises: the graft, the base patch, top-k binarization, the lesion.
+"""Checks for the grafting notebook's exercises: the graft, the base patch, top-k binarization, the lesion, and
+the per-layer budget of the experiment exercise.
 
 Each check runs the reader's function on small seeded parameter dictionaries and compares it with
 :mod:`engram_helpers.grafting`; a mismatch raises :class:`CheckFailed` with the likely cause.
@@ -123,3 +124,32 @@ def check_lesion(lesion: Callable) -> None:
              "lesion with names missing from region",
              "A name missing from region is not lesioned: keep theta's values for it.")
     passed("lesion")
+
+
+def check_layer_budget_patch(layer_budget_patch: Callable) -> None:
+    """``layer_budget_patch(delta, k)`` must select exactly k entries, ``k // n_layers`` per layer (one more in the
+    first ``k % n_layers`` layers), and inside each layer the entries of largest |δ| over its tensors together."""
+    g = torch.Generator().manual_seed(11)
+    shapes = {"layer.0.w": (4, 3), "layer.0.b": (4,), "layer.1.w": (3, 5), "layer.2.w": (2, 6), "layer.2.b": (6,)}
+    delta = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    delta["layer.2.w"] = delta["layer.2.w"] * 10  # the largest changes all sit in one layer
+    for k in (0, 1, 3, 8, 20):
+        got = _call(layer_budget_patch, delta, k)
+        size = sum(int(t.count_nonzero()) for t in got.values())
+        if size != k:
+            raise CheckFailed(f"layer_budget_patch(delta, k={k}) selected {size} entries, expected exactly {k} in "
+                              f"total (not k per layer).")
+        expected = ref.layer_budget_patch(delta, k)
+        for layer in (0, 1, 2):
+            names = [n for n in delta if ref.param_layer(n) == layer]
+            want = sum(int(expected[n].count_nonzero()) for n in names)
+            have = sum(int(got[n].count_nonzero()) for n in names if n in got)
+            if have != want:
+                raise CheckFailed(f"With k={k} over 3 layers, layer {layer} got {have} entries, expected {want}: "
+                                  f"give each layer k // 3 entries and the remainder, one each, to the first "
+                                  f"layers. (Ranking all layers together is the base patch, not a per-layer "
+                                  f"budget.)")
+        _compare(got, expected, f"layer_budget_patch(k={k})",
+                 "Inside each layer rank by |δ| (the absolute change) over all of that layer's tensors together "
+                 "(weights and biases), not a budget per tensor.")
+    passed("layer_budget_patch")
