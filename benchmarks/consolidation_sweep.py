@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -69,7 +71,8 @@ def main() -> None:
                                      args.gen_tokens, verbose=True)
     summary = [{"method": r["method"], "n": r["n"], "seconds": r["seconds"],
                 **{m: _interval(r[m], args.seed) for m in METRICS}} for r in rows]
-    out = {"args": vars(args), "layers": list(hp.layers), "rome_layer": rome_hp.layer,
+    out = {"command": " ".join(["python", *sys.argv]), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+           "torch": torch.__version__, "args": vars(args), "layers": list(hp.layers), "rome_layer": rome_hp.layer,
            "n_known": len(known), "n_test_distinct": len(test), "threads": args.threads,
            "machine": platform.platform(), "wall_seconds": time.perf_counter() - start,
            "summary": summary, "rows": rows, "facts": [f.id for f in test[:counts[-1]]]}
