@@ -48,7 +48,8 @@ def test_toc_order_and_parts():
     assert toc_files()[1:] == [
         "book/engram", "book/formation", "notebooks/grafting", "book/retrieval", "notebooks/causal_tracing",
         "book/modification", "notebooks/toy_memory", "notebooks/rome", "notebooks/explorers", "book/forgetting",
-        "notebooks/forgetting", "book/consolidation", "notebooks/consolidation", "book/limits",
+        "notebooks/forgetting", "book/consolidation", "notebooks/consolidation", "book/replication",
+        "notebooks/replication", "book/limits",
         "book/instructors", "book/glossary", "book/bibliography"]
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import nbformat
 import pytest
 import torch
 from test_models import _unshare_works
@@ -233,3 +236,47 @@ def test_gemma_loads_with_the_network_cut(gemma):
     out = subprocess.run(["unshare", "--net", sys.executable, "-c", OFFLINE_SCRIPT], capture_output=True,
                          text=True, env=env, timeout=300, check=False)
     assert out.returncode == 0 and "OFFLINE-OK" in out.stdout, out.stdout + out.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The replication notebook and its chapter (fast, no model).
+
+REPLICATION = Path(__file__).resolve().parents[1] / "notebooks" / "replication.ipynb"
+BOOK = Path(__file__).resolve().parents[1] / "book"
+
+
+def _glue_patterns(source: str) -> list[re.Pattern]:
+    """The keys a notebook's ``glue("...")`` / ``glue(f"...")`` calls can produce, as regular expressions
+    (an f-string's ``{...}`` matches any word)."""
+    patterns = []
+    for is_f, key in re.findall(r'glue\(\s*(f?)"([^"]+)"', source):
+        parts = re.split(r"\{[^}]*\}", key) if is_f else [key]
+        patterns.append(re.compile(r"\w+".join(re.escape(p) for p in parts) + r"\Z"))
+    return patterns
+
+
+def test_glue_patterns_expand_f_strings():
+    pats = _glue_patterns('glue("rep_n", 1)\nglue(f"rep_{key}_mlp_{s}", x)')
+    assert any(p.match("rep_first_mlp_subj") for p in pats) and any(p.match("rep_n") for p in pats)
+    assert not any(p.match("rep_first_attn") or p.match("rep_nn") for p in pats)
+
+
+def test_every_replication_key_the_book_quotes_is_glued():
+    """Each ``replication.ipynb::key`` in a chapter is produced by a glue call of the notebook."""
+    nb = nbformat.read(REPLICATION, as_version=4)
+    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    patterns = _glue_patterns(source)
+    quoted = {(md.name, key) for md in BOOK.glob("*.md")
+              for key in re.findall(r"replication\.ipynb::(\w+)", md.read_text(encoding="utf-8"))}
+    assert quoted, "book/replication.md should quote the replication notebook"
+    missing = sorted((name, key) for name, key in quoted if not any(p.match(key) for p in patterns))
+    assert not missing, f"keys quoted but never glued by notebooks/replication.ipynb: {missing}"
+
+
+def test_replication_parameters_cell_reads_the_small_sizes():
+    nb = nbformat.read(REPLICATION, as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and "MODEL_NAME = DEFAULT_MODEL" in params[0].source
+    assert "claims.small_run()" in params[0].source and "claims.configure(MODEL_NAME)" in params[0].source
+    first_code = next(c for c in nb.cells if c.cell_type == "code" and "MODEL_NAME" in c.source)
+    assert first_code is params[0], "the parameters cell must be the first that assigns MODEL_NAME"
