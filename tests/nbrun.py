@@ -15,7 +15,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
 _ASSIGNS_MODEL = re.compile(r"^MODEL_NAME\s*(:[^=]*)?=(?!=)", re.MULTILINE)
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -41,6 +41,7 @@ def run_notebook(path: str | Path, params: dict[str, object] | None = None, env:
     """
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
+    injected = len(nb.cells)  # index of the injected cell (none: past the end)
     if params:
         bad = [name for name in params if not name.isidentifier()]
         if bad:
@@ -52,8 +53,8 @@ def run_notebook(path: str | Path, params: dict[str, object] | None = None, env:
             raise ValueError(f"{path.name} has no parameters cell: tag the code cell that sets MODEL_NAME and the "
                              f"sizes 'parameters' (metadata.tags), or assign MODEL_NAME in a code cell.")
         source = "\n".join(f"{name} = {value!r}" for name, value in params.items())
-        nb.cells.insert((tagged or assigning)[0] + 1,
-                        nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
+        injected = (tagged or assigning)[0] + 1
+        nb.cells.insert(injected, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
     if after:
         nb.cells.append(nbformat.v4.new_code_cell(after, metadata={"tags": ["injected-check"]}))
     folder = Path(cwd) if cwd is not None else path.resolve().parent
@@ -63,13 +64,16 @@ def run_notebook(path: str | Path, params: dict[str, object] | None = None, env:
         for index, cell in enumerate(nb.cells):
             if cell.cell_type != "code":
                 continue
+            tags = cell.metadata.get("tags", [])
+            where = f"{path.name}, cell {index - (index > injected)} of the file (tags {tags})"
             try:
                 client.execute_cell(cell, index)
             except CellExecutionError as err:
-                tags = cell.metadata.get("tags", [])
                 if allow_exercise_stubs and "exercise" in tags and err.ename == "NotImplementedError":
                     continue
                 # nbclient's message holds the cell's source, its printed output and the traceback
-                raise NotebookRunError(f"{path.name}, cell {index} (tags {tags}) raised {err.ename}: {err.evalue}\n"
+                raise NotebookRunError(f"{where} raised {err.ename}: {err.evalue}\n"
                                        f"{_ANSI.sub('', err.traceback)}") from None
+            except (CellTimeoutError, DeadKernelError) as err:
+                raise NotebookRunError(f"{where}: {type(err).__name__}: {err}\n{cell.source}") from err
     return nb

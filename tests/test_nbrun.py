@@ -73,11 +73,11 @@ def test_exercise_stubs_are_tolerated_only_where_allowed(tmp_path):
     ([("raise KeyError('k')", ["raises-exception"])], "KeyError"),                   # no excuse by tag
 ])
 def test_other_errors_fail_with_source_and_traceback(tmp_path, cells, error):
-    path = _write(tmp_path, [("print('first')", []), *cells, ("print('never')", [])])
+    path = _write(tmp_path, [("MODEL_NAME = 'default'", ["parameters"]), *cells, ("print('never')", [])])
     with pytest.raises(NotebookRunError) as err:
-        run_notebook(path, allow_exercise_stubs=True)
+        run_notebook(path, {"MODEL_NAME": "other"}, allow_exercise_stubs=True)
     message = str(err.value)
-    assert f"cell 2 (tags {cells[0][1]}) raised {error}" in message
+    assert f"cell 2 of the file (tags {cells[0][1]}) raised {error}" in message, "numbered as in the file"
     assert cells[0][0].splitlines()[0] in message, "the failing cell's source is shown"
     assert "Traceback" in message or "Cell In[" in message, message
     assert "\x1b[" not in message, "colour codes are removed"
