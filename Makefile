@@ -7,6 +7,8 @@
 #   make student write the student notebooks to notebooks/student/
 #   make stamp   write course.toml (repository URL, released ref) into the notebooks, _config.yml and docs
 #   make rehearsal-full  before a release: every notebook to the end in a Colab-like environment
+#   make switch-check    the method notebooks with the second offline model, and the student versions end to end
+#                        (exercises undone), at small sizes (tests marked switch / student_run; long)
 #
 # Variables: PYTHON (interpreter that creates .venv), JOBS (parallel notebook runs), TORCH_INDEX.
 
@@ -96,6 +98,12 @@ stamp: setup
 # Every notebook to the end in the Colab rehearsal environment (tests/test_colab_rehearsal.py); long.
 rehearsal-full: setup
 	ENGRAM_REHEARSAL_FULL=1 OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_colab_rehearsal.py -rfEs -k full
+
+# Whole-notebook runs that `make test` skips: each method notebook with MODEL_NAME = SECOND_MODEL, each student
+# version with its exercises undone, all with ENGRAM_SMALL_RUN=1 (tests/test_model_switch.py, test_student_run.py).
+.PHONY: switch-check
+switch-check: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_model_switch.py tests/test_student_run.py -m "switch or student_run" -n $(JOBS) --dist load -rfEs --durations=0
 
 clean:
 	rm -rf _build/html _build/jupyter_execute _assets notebooks/student

@@ -12,7 +12,18 @@ def pytest_addoption(parser):
                      help="also build the book (tests marked 'book'); run after the notebooks' nbval run")
 
 
+# Whole-notebook runs that cost minutes each: skipped unless -m names their marker (make switch-check).
+OPT_IN_MARKERS = ("switch", "student_run")
+
+
 def pytest_collection_modifyitems(config, items):
+    markexpr = config.getoption("markexpr") or ""
+    for marker in OPT_IN_MARKERS:
+        if marker not in markexpr:
+            skip = pytest.mark.skip(reason=f"runs whole notebooks: select with -m {marker} (make switch-check)")
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(skip)
     if config.getoption("--book"):
         return
     skip = pytest.mark.skip(reason="builds the whole book: pass --book (make test does, after nbval)")
