@@ -61,7 +61,8 @@ def main() -> None:
     base = memit.hparams_for(model)
     value = rome.with_settings(base.value, n_prefixes=args.n_prefixes, cov_tokens=args.cov_tokens)
     hp = memit.MemitHParams(base.layers, args.lam, value)
-    rome_hp = rome.with_settings(rome.hparams_for(model), n_prefixes=args.n_prefixes, cov_tokens=args.cov_tokens)
+    rome_hp = rome.with_settings(rome.hparams_for(model), layer=base.layers[-1], n_prefixes=args.n_prefixes,
+                                 cov_tokens=args.cov_tokens)  # ROME at the last critical layer, as MEMIT
     Cs = layer_stats.second_moments(model, tok, sorted(set(hp.layers) | {rome_hp.layer}), n_tokens=args.cov_tokens)
 
     # C used the first articles of this seeded order; the last ones are held out (as in the notebook)

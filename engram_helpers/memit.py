@@ -87,17 +87,18 @@ samples (here: ``cov_tokens`` tokens). For reference only: GPT-J does not run of
 
 DEFAULT_LAYERS, DEFAULT_LAMBDA = (1, 2, 3, 4), 1_000.0
 """The offline default model's (SmolLM2-135M) critical layers, where its MLP indirect effect at the
-subject's last token is strong (``book/retrieval.md``), ending at ROME's layer 4, and its λ."""
+subject's last token is strong (``book/retrieval.md``), and its λ. They do not follow ROME's own layer, which
+a separate sweep chooses (``engram_helpers/hparams``)."""
 
 
 def hparams_for(model: nn.Module) -> MemitHParams:
-    """The settings for ``model``: the value settings are ROME's (:func:`engram_helpers.rome.hparams_for`);
-    the critical layers are 1–4 for the offline default model, else the (up to) five layers ending at
-    ROME's layer; λ = 1,000."""
+    """The settings for ``model``: the value settings are ROME's (:func:`engram_helpers.rome.hparams_for`) at
+    the last critical layer; the critical layers are 1–4 for the offline default model, else the (up to) five
+    layers ending at ROME's layer; λ = 1,000."""
     rome_hp = rome_hparams_for(model)
     name = model_id(model).rstrip("/").split("/")[-1].lower()
     layers: tuple[int, ...]
-    if name.startswith("smollm2-135m") and rome_hp.layer == DEFAULT_LAYERS[-1]:
+    if name.startswith("smollm2-135m"):
         layers = DEFAULT_LAYERS
     else:
         top = max(rome_hp.layer, 1)
