@@ -61,6 +61,15 @@ def test_every_toc_entry_exists():
             assert source_of(entry).suffix == ".ipynb", f"{entry} must be a notebook"
 
 
+def test_glued_figures_come_from_the_page_itself():
+    """myst-nb's ``{glue:figure}`` looks a key up in the page's own glue data only: a figure from a notebook
+    must be pasted with ``{glue}`` and its ``:doc:`` option (a ``path::key`` argument is one unknown key, and the
+    build with -W fails on it)."""
+    wrong = [(md.name, key) for md in sorted((ROOT / "book").glob("*.md"))
+             for key in re.findall(r"```\{glue:figure\}\s+(\S+)", md.read_text(encoding="utf-8")) if "::" in key]
+    assert not wrong, f"use ```{{glue}} KEY with :doc: PATH instead of {{glue:figure}} PATH::KEY: {wrong}"
+
+
 def test_execution_and_offline_settings():
     ex = CONFIG["execute"]
     assert ex["execute_notebooks"] == "cache" and ex["timeout"] == 900
