@@ -305,9 +305,10 @@ def notebook_packages(nb: nbformat.NotebookNode, needs: dict | None = None) -> l
         found |= needs.get(use, set())
     used = notebook_models(code)
     per_model = model_packages()
+    needed = set().union(*(per_model[m] for m in used if m in per_model))
     for name, dists in per_model.items():
         if name not in used:
-            found -= dists - set().union(*(per_model[m] for m in used if m in per_model))
+            found -= dists - needed
     return [d for d in nodeps_pins() if d in found]
 
 
