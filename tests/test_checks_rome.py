@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engram_helpers import evaluation, rome
+from engram_helpers import evaluation, rome, weights
 from engram_helpers.checks import CheckFailed
 from engram_helpers.checks import rome as checks
 from engram_helpers.hooks import trace
@@ -124,6 +124,8 @@ def test_edit_at_layers_check_catches_mistakes_and_restores_the_model(default_mo
     model, tok = default_model
     a = arch(model)
     before = [model.get_submodule(a.mlp_out_name(l)).weight.clone() for l in range(a.n_layers)]
+    active = weights.active_changes(model)
     with pytest.raises(CheckFailed, match=hint):
         checks.check_edit_at_layers(wrong, model, tok)
     assert all(torch.equal(model.get_submodule(a.mlp_out_name(l)).weight, w) for l, w in enumerate(before))
+    assert weights.active_changes(model) == active, "edits left applied must be undone, not only overwritten"

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .. import rome
+from .. import rome, weights
 from ..hooks import trace
 from ..models import arch, encode
 from ..query import Query, contexts, subject_last, subject_span
@@ -166,13 +166,18 @@ def check_edit_at_layers(fn: Callable, model, tok) -> None:
     Cs = {l: "identity" for l in layers}
     params = [model.get_submodule(a.mlp_out_name(l)).weight for l in range(a.n_layers)]
     saved = [p.detach().clone() for p in params]
+    before = weights.active_changes(model)
     try:
         got = fn(model, tok, list(facts), list(layers), hp, dict(Cs))
     finally:
         changed = [l for l, (p, s) in enumerate(zip(params, saved)) if not torch.equal(p.detach(), s)]
-        with torch.no_grad():
-            for l in changed:
-                params[l].copy_(saved[l])
+        for h in reversed(weights.active_changes(model)):  # edits left applied: undone exactly, newest first
+            if h not in before:
+                h.undo()
+        with torch.no_grad():  # anything changed outside the weights registry
+            for l, (p, s) in enumerate(zip(params, saved)):
+                if not torch.equal(p.detach(), s):
+                    p.copy_(s)
     if changed:
         raise CheckFailed(f"After your function, the MLP weights of layers {changed} differ from before (restored now "
                           "by the check): undo every edit, e.g. evaluation.evaluate does, or rome.edit(...) as a "
