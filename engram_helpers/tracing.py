@@ -60,7 +60,8 @@ CATEGORIES = (
 def layer_window(center: int, n_layers: int, window: int) -> list[int]:
     """Layers restored together around ``center``: ``window`` consecutive layers, clipped at both ends.
 
-    As in the paper: from ``center - window // 2`` up to, not including, ``center + ceil(window / 2)``.
+    As in the authors' code (the paper's text says l* − 4 … l* + 5): from ``center - window // 2`` up to,
+    not including, ``center + ceil(window / 2)``.
     ``window=1`` is the single layer ``center``.
     """
     if window < 1:

@@ -175,7 +175,7 @@ def check_edit_at_layers(fn: Callable, model, tok) -> None:
             if h not in before:
                 h.undo()
         with torch.no_grad():  # anything changed outside the weights registry
-            for l, (p, s) in enumerate(zip(params, saved)):
+            for p, s in zip(params, saved):
                 if not torch.equal(p.detach(), s):
                     p.copy_(s)
     if changed:
