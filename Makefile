@@ -7,6 +7,7 @@
 #   make student write the student notebooks to notebooks/student/
 #   make stamp   write course.toml (repository URL, released ref) into the notebooks, _config.yml and docs
 #   make rehearsal-full  before a release: every notebook to the end in a Colab-like environment
+#   make student-check   the student versions end to end, exercises undone (a CI job of its own)
 #   make switch-check    the method notebooks with the second offline model, and the student versions end to end
 #                        (exercises undone), at small sizes (tests marked switch / student_run; long)
 #
@@ -101,6 +102,13 @@ rehearsal-full: setup
 
 # Whole-notebook runs that `make test` skips: each method notebook with MODEL_NAME = SECOND_MODEL, each student
 # version with its exercises undone, all with ENGRAM_SMALL_RUN=1 (tests/test_model_switch.py, test_student_run.py).
+# The student versions alone, end to end with their exercises undone (ENGRAM_SMALL_RUN=1): about 13 min of one
+# thread on 2 cores. CI runs it as its own job beside `make test` (.github/workflows/course.yml), which keeps
+# `make test` within its time budget.
+.PHONY: student-check
+student-check: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_student_run.py -m student_run -n $(JOBS) --dist load -rfEs --durations=0
+
 .PHONY: switch-check
 switch-check: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_model_switch.py tests/test_student_run.py -m "switch or student_run" -n $(JOBS) --dist load -rfEs --durations=0

@@ -155,7 +155,7 @@ def test_full_notebook_runs_to_the_end(colab, path, tmp_path):
                                                    colab["ref"])
     copy = tmp_path / path.name
     nbformat.write(nb, copy)
-    done = subprocess.run([str(colab["python"]), "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
+    done = subprocess.run([str(colab["python"]), "-m", "nbconvert", "--to", "notebook", "--execute",
                            "--inplace", "--ExecutePreprocessor.timeout=3600", str(copy)],
                           capture_output=True, text=True, cwd=tmp_path, env=_env(colab), timeout=7200)
     assert done.returncode == 0, f"{path.name}:\n{done.stderr[-4000:]}"

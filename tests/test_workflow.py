@@ -38,6 +38,14 @@ def test_pull_requests_run_ci():
     assert python["with"]["python-version"] == "3.11"
 
 
+def test_pull_requests_run_the_student_versions_end_to_end():
+    job = WORKFLOW["jobs"]["students"]
+    assert "pull_request" in job["if"] and "make student-check" in runs("students")
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\nstudent-check:", 1)[1].split("\n\n", 1)[0]
+    assert "tests/test_student_run.py" in recipe and "-m student_run" in recipe
+
+
 def test_main_builds_the_book_with_the_cache_and_deploys_to_pages():
     book = WORKFLOW["jobs"]["book"]
     assert "!= 'pull_request'" in book["if"]
