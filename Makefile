@@ -8,8 +8,8 @@
 #   make stamp   write course.toml (repository URL, released ref) into the notebooks, _config.yml and docs
 #   make rehearsal-full  before a release: every notebook to the end in a Colab-like environment
 #   make student-check   the student versions end to end, exercises undone (a CI job of its own)
-#   make switch-check    the method notebooks with the second offline model, and the student versions end to end
-#                        (exercises undone), at small sizes (tests marked switch / student_run; long)
+#   make switch-check    the method notebooks with the second offline model at small sizes (tests marked switch;
+#                        a CI job of its own)
 #
 # Variables: PYTHON (interpreter that creates .venv), JOBS (parallel notebook runs), TORCH_INDEX.
 
@@ -100,18 +100,18 @@ stamp: setup
 rehearsal-full: setup
 	ENGRAM_REHEARSAL_FULL=1 OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_colab_rehearsal.py -rfEs -k full
 
-# Whole-notebook runs that `make test` skips: each method notebook with MODEL_NAME = SECOND_MODEL, each student
-# version with its exercises undone, all with ENGRAM_SMALL_RUN=1 (tests/test_model_switch.py, test_student_run.py).
-# The student versions alone, end to end with their exercises undone (ENGRAM_SMALL_RUN=1): about 13 min of one
-# thread on 2 cores. CI runs it as its own job beside `make test` (.github/workflows/course.yml), which keeps
-# `make test` within its time budget.
+# Whole-notebook runs that `make test` skips, all with ENGRAM_SMALL_RUN=1: the student versions end to end with
+# their exercises undone (student-check, tests/test_student_run.py: about 13 min of one thread) and each method
+# notebook with MODEL_NAME = SECOND_MODEL (switch-check, tests/test_model_switch.py: about 16 min of one thread).
+# CI runs each as a job of its own beside `make test` (.github/workflows/course.yml), which keeps `make test`
+# nearer its time budget.
 .PHONY: student-check
 student-check: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_student_run.py -m student_run -n $(JOBS) --dist load -rfEs --durations=0
 
 .PHONY: switch-check
 switch-check: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_model_switch.py tests/test_student_run.py -m "switch or student_run" -n $(JOBS) --dist load -rfEs --durations=0
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_model_switch.py -m switch -n $(JOBS) --dist load -rfEs --durations=0
 
 clean:
 	rm -rf _build/html _build/jupyter_execute _assets notebooks/student

@@ -12,7 +12,8 @@ def pytest_addoption(parser):
                      help="also build the book (tests marked 'book'); run after the notebooks' nbval run")
 
 
-# Whole-notebook runs that cost minutes each: skipped unless -m names their marker (make switch-check).
+# Whole-notebook runs that cost minutes each: skipped unless -m names their marker (make switch-check, make
+# student-check).
 OPT_IN_MARKERS = ("switch", "student_run")
 
 
@@ -20,7 +21,8 @@ def pytest_collection_modifyitems(config, items):
     markexpr = config.getoption("markexpr") or ""
     for marker in OPT_IN_MARKERS:
         if marker not in markexpr:
-            skip = pytest.mark.skip(reason=f"runs whole notebooks: select with -m {marker} (make switch-check)")
+            skip = pytest.mark.skip(reason=f"runs whole notebooks: select with -m {marker} "
+                                           f"(make switch-check / student-check)")
             for item in items:
                 if marker in item.keywords:
                     item.add_marker(skip)

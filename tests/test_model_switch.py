@@ -1,10 +1,10 @@
 """The model switch: each method notebook runs to the end with the second offline model at small sizes.
 
-Marked ``switch`` (``make switch-check``). Each run sets ``MODEL_NAME = SECOND_MODEL`` in a cell injected after the
-notebook's parameters cell and ``ENGRAM_SMALL_RUN=1``: the claims about the default model are then printed, not
-asserted, while the asserts about the method must hold with Gemma-3-270M too. The grafting notebook uses no
-language model. Slow (minutes per notebook on one thread; the first run also converts the model and computes
-its statistics C).
+Marked ``switch`` (``make switch-check``, a CI job of its own). Each run sets ``MODEL_NAME = SECOND_MODEL`` in a
+cell injected after the notebook's parameters cell and ``ENGRAM_SMALL_RUN=1``: the claims about the default model
+are then printed, not asserted, while the asserts about the method must hold with Gemma-3-270M too. The grafting
+notebook uses no language model. Slow (minutes per notebook on one thread; the first run also converts the model
+and computes its statistics C).
 """
 
 from __future__ import annotations

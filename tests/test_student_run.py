@@ -1,6 +1,6 @@
 """The student versions run end to end with every exercise left undone, as nmaci checks its notebooks.
 
-Marked ``student_run`` (``make student-check``, a CI job of its own; also ``make switch-check``). For each
+Marked ``student_run`` (``make student-check``, a CI job of its own). For each
 notebook with exercise cells, ``scripts/make_student.py`` builds the student version; it runs with
 ``ENGRAM_SMALL_RUN=1``. A ``NotImplementedError`` is allowed in the exercise cells only (each of them must raise
 it: the stub is reached), and every other cell must succeed, so the cells after an exercise cannot depend on the

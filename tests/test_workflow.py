@@ -46,6 +46,14 @@ def test_pull_requests_run_the_student_versions_end_to_end():
     assert "tests/test_student_run.py" in recipe and "-m student_run" in recipe
 
 
+def test_pull_requests_run_the_method_notebooks_with_the_second_model():
+    job = WORKFLOW["jobs"]["switch"]
+    assert "pull_request" in job["if"] and "make switch-check" in runs("switch")
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\nswitch-check:", 1)[1].split("\n\n", 1)[0]
+    assert "tests/test_model_switch.py" in recipe and "-m switch" in recipe
+
+
 def test_main_builds_the_book_with_the_cache_and_deploys_to_pages():
     book = WORKFLOW["jobs"]["book"]
     assert "!= 'pull_request'" in book["if"]
