@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 
@@ -38,20 +39,16 @@ def test_pull_requests_run_ci():
     assert python["with"]["python-version"] == "3.11"
 
 
-def test_pull_requests_run_the_student_versions_end_to_end():
-    job = WORKFLOW["jobs"]["students"]
-    assert "pull_request" in job["if"] and "make student-check" in runs("students")
-    makefile = (ROOT / "Makefile").read_text()
-    recipe = makefile.split("\nstudent-check:", 1)[1].split("\n\n", 1)[0]
-    assert "tests/test_student_run.py" in recipe and "-m student_run" in recipe
-
-
-def test_pull_requests_run_the_method_notebooks_with_the_second_model():
-    job = WORKFLOW["jobs"]["switch"]
-    assert "pull_request" in job["if"] and "make switch-check" in runs("switch")
-    makefile = (ROOT / "Makefile").read_text()
-    recipe = makefile.split("\nswitch-check:", 1)[1].split("\n\n", 1)[0]
-    assert "tests/test_model_switch.py" in recipe and "-m switch" in recipe
+@pytest.mark.parametrize("target, tests, marker", [
+    ("student-check", "tests/test_student_run.py", "-m student_run"),  # the student versions end to end
+    ("switch-check", "tests/test_model_switch.py", "-m switch"),       # the method notebooks with the second model
+])
+def test_pull_requests_run_the_whole_notebook_checks(target, tests, marker):
+    job = WORKFLOW["jobs"]["whole-notebooks"]
+    assert "pull_request" in job["if"] and target in job["strategy"]["matrix"]["target"]
+    assert "make ${{ matrix.target }}" in runs("whole-notebooks")
+    recipe = (ROOT / "Makefile").read_text().split(f"\n{target}:", 1)[1].split("\n\n", 1)[0]
+    assert tests in recipe and marker in recipe
 
 
 def test_main_builds_the_book_with_the_cache_and_deploys_to_pages():
