@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=float("inf"),
                     help="start no new layer after this many minutes, once 4 are done (the JSON records which ran)")
     ap.add_argument("--out", default="engram_helpers/hparams/sweeps/smollm2-135m-offline.json")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the layers already in --out (same facts and settings) and run only the missing ones")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model()
@@ -81,7 +83,21 @@ def main() -> None:
     print(f"traces done at {time.perf_counter() - t0:.0f} s", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     per_layer: dict[int, dict] = {}
+    if args.resume and Path(args.out).exists():
+        old = json.loads(Path(args.out).read_text(encoding="utf-8"))
+        same = (old["fact_ids"] == [f.id for f in facts] and old["split"] == args.split
+                and old["settings"]["n_prefixes"] == args.prefixes and old["settings"]["trace_samples"] == args.samples
+                and old["settings"]["v_steps"] == hp.v_steps and old["settings"]["nll_stop"] == hp.nll_stop)
+        if same and not np.allclose(old["tracing_effect_all_layers"], effects_all, atol=1e-4):
+            raise SystemExit("--resume: the traces differ from the recorded ones (another library version?)")
+        if not same:
+            raise SystemExit(f"--resume: {args.out} was made with other facts or settings; run without --resume")
+        per_layer = {int(l): v for l, v in old["per_layer"].items()}
+        t0 -= old["seconds"]  # the record's seconds count every run
+        print(f"resuming: layers {sorted(per_layer)} kept from {args.out}")
     for l in coarse_to_fine(planned):
+        if l in per_layer:
+            continue
         if len(per_layer) >= 4 and time.perf_counter() - t0 > 60 * args.minutes:
             print(f"time budget of {args.minutes} min spent: stopping before layer {l}")
             break
