@@ -72,3 +72,12 @@ def test_student_notebooks_are_published_where_the_links_point():
     branch = tomllib.loads((ROOT / "course.toml").read_text())["course"]["student_branch"]
     assert "student_branch" in script and "git push" in script, f"push notebooks/student to {branch}"
     assert WORKFLOW["jobs"]["book"]["permissions"]["contents"] == "write"
+
+
+def test_test_order_names_existing_files():
+    """`make test` hands whole files to two workers in collection order, longest first (conftest.EXPECTED_SECONDS):
+    a renamed notebook would silently lose its place at the front and could end up running alone at the end."""
+    import conftest
+
+    missing = [p for p in conftest.EXPECTED_SECONDS if not (ROOT / p).exists()]
+    assert not missing, f"EXPECTED_SECONDS names files that do not exist: {missing}"
