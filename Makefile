@@ -128,5 +128,5 @@ consolidation-sweep: setup
 # Linters: ruff over the library, tests, notebooks and scripts; mypy on the library (config in pyproject.toml).
 .PHONY: lint
 lint: setup
-	$(VENV)/bin/ruff check engram_helpers tests notebooks scripts benchmarks
+	$(VENV)/bin/ruff check conftest.py engram_helpers tests notebooks scripts benchmarks
 	$(VENV)/bin/mypy

@@ -17,31 +17,9 @@ def pytest_addoption(parser):
 OPT_IN_MARKERS = ("switch", "student_run")
 
 
-# Seconds each file takes under `make test` (nbval: one thread, two at once), from the clean-clone run of
-# 2026-12-06 (2 cores; the unit-test files from that day's run of the unit tests alone). `make test` runs
-# `pytest tests notebooks -n 2 --dist loadfile --no-loadscope-reorder`: xdist hands out whole files in
-# collection order, so the longest go first and the short ones fill in at the end (longest-first list
-# scheduling); in alphabetical order a long notebook started last had kept one worker busy alone for minutes.
-# Only the order matters; files not listed take a few seconds and keep their order after these.
-EXPECTED_SECONDS = {
-    "notebooks/rome.ipynb": 389, "notebooks/grafting.ipynb": 357, "notebooks/causal_tracing.ipynb": 315,
-    "notebooks/replication.ipynb": 295, "notebooks/forgetting.ipynb": 230, "notebooks/consolidation.ipynb": 199,
-    "tests/test_colab_rehearsal.py": 108, "tests/test_packaging.py": 98, "tests/test_student.py": 72,
-    "tests/test_checks_rome.py": 68, "notebooks/explorers.ipynb": 36, "tests/test_memit.py": 51,
-    "tests/test_models.py": 44, "tests/test_evaluation.py": 31, "tests/test_gemma.py": 23,
-}
-
-
-def _expected_seconds(item) -> float:
-    path = item.nodeid.split("::", 1)[0]
-    return EXPECTED_SECONDS.get(path, 0.0)
-
-
-@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """Skip the opt-in and book tests unless asked for, then order the files longest first (stable)."""
+    """Skip the opt-in and book tests unless asked for (the files are ordered by ../conftest.py)."""
     _skip_unless_selected(config, items)
-    items.sort(key=lambda item: -_expected_seconds(item))  # stable: cells and tests keep their order in a file
 
 
 def _skip_unless_selected(config, items):

@@ -75,9 +75,13 @@ def test_student_notebooks_are_published_where_the_links_point():
 
 
 def test_test_order_names_existing_files():
-    """`make test` hands whole files to two workers in collection order, longest first (conftest.EXPECTED_SECONDS):
-    a renamed notebook would silently lose its place at the front and could end up running alone at the end."""
-    import conftest
+    """`make test` and `make book` hand whole files to two workers in collection order, longest first
+    (EXPECTED_SECONDS in the root conftest.py): a renamed notebook would silently lose its place at the front
+    and could end up running alone at the end."""
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
     missing = [p for p in conftest.EXPECTED_SECONDS if not (ROOT / p).exists()]
     assert not missing, f"EXPECTED_SECONDS names files that do not exist: {missing}"
