@@ -33,7 +33,7 @@ def coarse_to_fine(layers: list[int]) -> list[int]:
 
 
 def summarize(args, model, hp, facts, planned: list[int], per_layer: dict, effects_all: np.ndarray,
-              seconds: float) -> dict:
+              seconds: float, threads: int | str) -> dict:
     """The JSON record of the layers done so far (sorted), with the chosen layer and the Hase analysis."""
     layers = sorted(per_layer)
     effects = effects_all[:, layers]
@@ -42,7 +42,7 @@ def summarize(args, model, hp, facts, planned: list[int], per_layer: dict, effec
     result = {"model": model_id(model), "split": args.split, "layers": layers, "layers_planned": planned,
               "complete": layers == sorted(planned), "fact_ids": [f.id for f in facts],
               "settings": {"n_prefixes": args.prefixes, "trace_samples": args.samples, "trace_window": 10,
-                           "threads": args.threads, "cov_tokens": hp.cov_tokens, "cov_source": hp.cov_source,
+                           "threads": threads, "cov_tokens": hp.cov_tokens, "cov_source": hp.cov_source,
                            "v_steps": hp.v_steps, "nll_stop": hp.nll_stop},
               "selection": "largest mean over facts of efficacy_mag + paraphrase_mag + neighbourhood_mag",
               "score": {str(l): score[l] for l in layers}, "best_layer": best,
@@ -83,17 +83,22 @@ def main() -> None:
     print(f"traces done at {time.perf_counter() - t0:.0f} s", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     per_layer: dict[int, dict] = {}
+    threads: int | str = args.threads
     if args.resume and Path(args.out).exists():
         old = json.loads(Path(args.out).read_text(encoding="utf-8"))
         same = (old["fact_ids"] == [f.id for f in facts] and old["split"] == args.split
                 and old["settings"]["n_prefixes"] == args.prefixes and old["settings"]["trace_samples"] == args.samples
                 and old["settings"]["v_steps"] == hp.v_steps and old["settings"]["nll_stop"] == hp.nll_stop)
-        if same and not np.allclose(old["tracing_effect_all_layers"], effects_all, atol=1e-4):
-            raise SystemExit("--resume: the traces differ from the recorded ones (another library version?)")
         if not same:
             raise SystemExit(f"--resume: {args.out} was made with other facts or settings; run without --resume")
+        if not np.allclose(old["tracing_effect_all_layers"], effects_all, atol=1e-4):
+            raise SystemExit("--resume: the traces differ from the recorded ones (another library version?)")
         per_layer = {int(l): v for l, v in old["per_layer"].items()}
-        t0 -= old["seconds"]  # the record's seconds count every run
+        t0 -= old["seconds"]  # the record's seconds count every run ...
+        if str(old["settings"]["threads"]) != str(args.threads):  # ... and its threads say which runs used how many
+            threads = f"{old['settings']['threads']}, then {args.threads}"
+        if set(planned) <= set(per_layer):
+            raise SystemExit(f"--resume: {args.out} already has every planned layer; nothing to run")
         print(f"resuming: layers {sorted(per_layer)} kept from {args.out}")
     for l in coarse_to_fine(planned):
         if l in per_layer:
@@ -105,7 +110,8 @@ def main() -> None:
         per_layer[l] = {m: ev.values("rome", m).tolist() for m in evaluation.METRICS}
         print(f"layer {l:2d} ({time.perf_counter() - t0:.0f} s): "
               + "  ".join(f"{m} {ev.estimate('rome', m)}" for m in evaluation.MAGNITUDES), flush=True)
-        result = summarize(args, model, hp, facts, planned, per_layer, effects_all, time.perf_counter() - t0)
+        result = summarize(args, model, hp, facts, planned, per_layer, effects_all, time.perf_counter() - t0,
+                           threads)
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
     print(f"best layer by the sum of the three magnitudes: {result['best_layer']} (layers {result['layers']})")
