@@ -101,8 +101,9 @@ rehearsal-full: setup
 	ENGRAM_REHEARSAL_FULL=1 OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_colab_rehearsal.py -rfEs -k full
 
 # Whole-notebook runs that `make test` skips, all with ENGRAM_SMALL_RUN=1: the student versions end to end with
-# their exercises undone (student-check, tests/test_student_run.py: about 7.5 min of one thread on 2026-12-06's machine, 13 on an older one) and each method
-# notebook with MODEL_NAME = SECOND_MODEL (switch-check, tests/test_model_switch.py: about 8.5 min of one thread; 16 on the older one).
+# their exercises undone (student-check, tests/test_student_run.py: about 7.5 min of one thread on the machine of
+# 2026-12-06, 13 on an older one) and each method notebook with MODEL_NAME = SECOND_MODEL (switch-check,
+# tests/test_model_switch.py: about 8.5 min of one thread, 16 on the older one).
 # CI runs each as a job of its own beside `make test` (.github/workflows/course.yml), which keeps `make test`
 # nearer its time budget.
 .PHONY: student-check

@@ -18,11 +18,7 @@ OPT_IN_MARKERS = ("switch", "student_run")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip the opt-in and book tests unless asked for (the files are ordered by ../conftest.py)."""
-    _skip_unless_selected(config, items)
-
-
-def _skip_unless_selected(config, items):
+    """Skip the opt-in and book tests unless asked for (the root conftest.py orders the files)."""
     markexpr = config.getoption("markexpr") or ""
     for marker in OPT_IN_MARKERS:
         if marker not in markexpr:
