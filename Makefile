@@ -3,11 +3,12 @@
 #
 #   make book    set up, run the notebooks in parallel (one thread each) into the execution cache, then build
 #                the book into _build/html (unchanged notebooks come from the cache and are not run again)
-#   make test    set up, then unit tests + every notebook under nbval + the book build with -W
+#   make test    set up, then unit tests + every notebook under nbval + the student versions end to end (exercises
+#                undone) + the book build with -W
 #   make student write the student notebooks to notebooks/student/
 #   make stamp   write course.toml (repository URL, released ref) into the notebooks, _config.yml and docs
 #   make rehearsal-full  before a release: every notebook to the end in a Colab-like environment
-#   make student-check   the student versions end to end, exercises undone (a CI job of its own)
+#   make student-check   the student versions end to end, exercises undone (alone; make test runs them too)
 #   make switch-check    the method notebooks with the second offline model at small sizes (tests marked switch;
 #                        a CI job of its own)
 #
@@ -74,11 +75,13 @@ book: setup
 	fi
 	$(VENV)/bin/jupyter-book build . -W --keep-going
 
-# Unit tests and notebooks run together, two at a time with one thread each (as in CI); nbval's runs fill the
-# book's execution cache (notebooks/conftest.py), so the book build that follows executes no notebook again.
+# Unit tests, notebooks and the student versions end to end run together, two at a time with one thread each (as
+# in CI); -m "not switch" selects them (tests/conftest.py skips whole-notebook runs unless -m is given) and leaves
+# the second-model runs to switch-check. nbval's runs fill the book's execution cache (notebooks/conftest.py), so
+# the book build that follows executes no notebook again.
 test: setup browser lint
 	$(PY) scripts/stamp.py --check
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=3000 -n $(JOBS) --dist loadfile --no-loadscope-reorder --durations=25 -rfEs
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks -m "not switch" --nbval-lax --nbval-current-env --nbval-cell-timeout=3000 -n $(JOBS) --dist loadfile --no-loadscope-reorder --durations=25 -rfEs
 	ENGRAM_EXPECT_CACHED=1 $(PY) -m pytest tests/test_book.py --book -rfEs
 
 unit: setup
@@ -100,12 +103,12 @@ stamp: setup
 rehearsal-full: setup
 	ENGRAM_REHEARSAL_FULL=1 OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_colab_rehearsal.py -rfEs -k full
 
-# Whole-notebook runs that `make test` skips, all with ENGRAM_SMALL_RUN=1: the student versions end to end with
-# their exercises undone (student-check, tests/test_student_run.py: about 7.5 min of one thread on the machine of
-# 2026-12-06, 13 on an older one) and each method notebook with MODEL_NAME = SECOND_MODEL (switch-check,
-# tests/test_model_switch.py: about 8.5 min of one thread, 16 on the older one).
-# CI runs each as a job of its own beside `make test` (.github/workflows/course.yml), which keeps `make test`
-# nearer its time budget.
+# Whole-notebook runs at reduced sizes (ENGRAM_SMALL_RUN=1). student-check: the student versions end to end with
+# their exercises undone (tests/test_student_run.py; also part of `make test`): about 8 min of one thread on the
+# machine of 2026-12-06 (forgetting 117 s, causal tracing 110, rome 90, consolidation 82, grafting 61, toy memory 9).
+# switch-check: each method notebook with MODEL_NAME = SECOND_MODEL (tests/test_model_switch.py): about 8.5 min of
+# one thread, 16 on the older machine of 2026-11-29; CI runs it as a job of its own beside `make test`
+# (.github/workflows/course.yml), which keeps `make test` nearer its time budget.
 .PHONY: student-check
 student-check: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_student_run.py -m student_run -n $(JOBS) --dist load -rfEs --durations=0

@@ -12,21 +12,22 @@ def pytest_addoption(parser):
                      help="also build the book (tests marked 'book'); run after the notebooks' nbval run")
 
 
-# Whole-notebook runs that cost minutes each: skipped unless -m names their marker (make switch-check, make
-# student-check).
+# Whole-notebook runs that cost minutes each: skipped unless the run selects tests by marker (-m). `make unit`
+# and a bare `pytest tests` skip them; `make test` (-m "not switch") runs the student versions end to end;
+# `make student-check` (-m student_run) and `make switch-check` (-m switch) run one kind alone.
 OPT_IN_MARKERS = ("switch", "student_run")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip the opt-in and book tests unless asked for (the root conftest.py orders the files)."""
-    markexpr = config.getoption("markexpr") or ""
-    for marker in OPT_IN_MARKERS:
-        if marker not in markexpr:
-            skip = pytest.mark.skip(reason=f"runs whole notebooks: select with -m {marker} "
-                                           f"(make switch-check / student-check)")
-            for item in items:
+    """Skip the opt-in tests unless -m is given, and the book tests unless --book (the root conftest.py orders
+    the files)."""
+    if not config.getoption("markexpr"):
+        for item in items:
+            for marker in OPT_IN_MARKERS:
                 if marker in item.keywords:
-                    item.add_marker(skip)
+                    item.add_marker(pytest.mark.skip(
+                        reason=f"runs a whole notebook: select with -m (make test, make switch-check, "
+                               f"make student-check; -m {marker} alone)"))
     if config.getoption("--book"):
         return
     skip = pytest.mark.skip(reason="builds the whole book: pass --book (make test does, after nbval)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import tomllib
 import yaml
 
@@ -39,16 +38,23 @@ def test_pull_requests_run_ci():
     assert python["with"]["python-version"] == "3.11"
 
 
-@pytest.mark.parametrize("target, tests, marker", [
-    ("student-check", "tests/test_student_run.py", "-m student_run"),  # the student versions end to end
-    ("switch-check", "tests/test_model_switch.py", "-m switch"),       # the method notebooks with the second model
-])
-def test_pull_requests_run_the_whole_notebook_checks(target, tests, marker):
+def test_pull_requests_run_the_second_model_check():
+    """switch-check (each method notebook with the second offline model) is a job beside `make test`."""
     job = WORKFLOW["jobs"]["whole-notebooks"]
-    assert "pull_request" in job["if"] and target in job["strategy"]["matrix"]["target"]
+    assert "pull_request" in job["if"] and "switch-check" in job["strategy"]["matrix"]["target"]
     assert "make ${{ matrix.target }}" in runs("whole-notebooks")
-    recipe = (ROOT / "Makefile").read_text().split(f"\n{target}:", 1)[1].split("\n\n", 1)[0]
-    assert tests in recipe and marker in recipe
+    recipe = (ROOT / "Makefile").read_text().split("\nswitch-check:", 1)[1].split("\n\n", 1)[0]
+    assert "tests/test_model_switch.py" in recipe and "-m switch" in recipe
+
+
+def test_make_test_runs_the_student_versions_end_to_end():
+    """The student versions end to end are part of `make test` (so of .ci/run): its pytest run selects by marker
+    (tests/conftest.py skips tests marked student_run or switch unless -m is given) and leaves out only switch."""
+    recipe = (ROOT / "Makefile").read_text().split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    run = next(line for line in recipe.splitlines() if "pytest tests notebooks" in line)
+    assert '-m "not switch"' in run, run
+    assert "student-check" not in WORKFLOW["jobs"]["whole-notebooks"]["strategy"]["matrix"]["target"], \
+        "make test already runs them"
 
 
 def test_main_builds_the_book_with_the_cache_and_deploys_to_pages():
@@ -83,5 +89,9 @@ def test_test_order_names_existing_files():
     spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
     conftest = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(conftest)
-    missing = [p for p in conftest.EXPECTED_SECONDS if not (ROOT / p).exists()]
+    missing = [p for p in conftest.EXPECTED_SECONDS if not (ROOT / p.split("::", 1)[0]).exists()]
     assert not missing, f"EXPECTED_SECONDS names files that do not exist: {missing}"
+    runs = [p for p in conftest.EXPECTED_SECONDS if "::" in p]
+    assert runs and all(p.startswith(conftest.SPLIT_FILES) for p in runs), runs
+    gone = [p for p in runs if not (ROOT / "notebooks" / f"{p.split('[', 1)[1].rstrip(']')}.ipynb").exists()]
+    assert not gone, f"EXPECTED_SECONDS names student runs of notebooks that do not exist: {gone}"
