@@ -249,6 +249,79 @@ def fig_limits_evidence() -> plt.Figure:
     return fig
 
 
+def fig_consolidation_memit() -> plt.Figure:
+    """Two stores in the brain; one fact at a time (sequential ROME) against a batch over layers (MEMIT)."""
+    fig, ax = plt.subplots(figsize=(12, 4.0))
+    ax.set(xlim=(0, 15), ylim=(0, 5))
+    ax.axis("off")
+    # (a) complementary learning systems
+    ax.text(0.1, 4.7, "a. brain: two learning systems", fontsize=10, weight="bold")
+    _box(ax, 0.3, 3.1, 2.1, 0.8, "hippocampus\nfast, sparse codes", PURPLE)
+    _box(ax, 0.3, 0.9, 2.1, 0.8, "neocortex\nslow, shared weights", BLUE)
+    _arrow(ax, (0.9, 3.1), (0.9, 1.7))
+    ax.text(1.05, 2.55, "replay, new items\ninterleaved with old", fontsize=8.5)
+    ax.text(0.3, 4.15, "new experience: stored at once", fontsize=8.5, color="dimgrey")
+    ax.text(0.3, 0.45, "learns slowly, without\noverwriting what it knows", fontsize=8.5, color="dimgrey")
+    ax.plot([3.9, 3.9], [0.2, 4.8], color=GREY, lw=0.8)
+    # (b) sequential ROME
+    ax.text(4.1, 4.7, "b. model: sequential ROME", fontsize=10, weight="bold")
+    layer = FancyBboxPatch((7.0, 0.6), 1.5, 3.5, boxstyle="round,pad=0.03", fc="#fde3cf", ec=ORANGE, lw=1.5)
+    ax.add_patch(layer)
+    ax.text(7.75, 4.3, "one layer's W", ha="center", fontsize=9)
+    for i, (fact, dw) in enumerate((("fact 1", "ΔW₁"), ("fact 2", "ΔW₂"), ("fact 3", "ΔW₃"), ("…", "…"))):
+        y = 3.5 - i * 0.85
+        ax.text(4.3, y, fact, va="center", fontsize=9)
+        if fact != "…":
+            _arrow(ax, (5.0, y), (6.95, y), color=ORANGE)
+        ax.text(7.75, y, dw, ha="center", va="center", fontsize=9)
+    ax.text(4.3, 0.25, "each edit is solved for its own key alone, on the\nmatrix the earlier edits left: their "
+            "side effects add up", fontsize=8.5, color="dimgrey")
+    ax.plot([9.0, 9.0], [0.2, 4.8], color=GREY, lw=0.8)
+    # (c) MEMIT
+    ax.text(9.2, 4.7, "c. model: MEMIT", fontsize=10, weight="bold")
+    _box(ax, 9.3, 2.0, 1.7, 1.2, "facts 1…N\nkeys K,\nwhat is still\nmissing R", GREEN, fontsize=8.5)
+    for i, label in enumerate(("lowest critical layer", "next layer up", "…", "highest: target set here")):
+        y = 0.7 + i * 0.85
+        _box(ax, 12.0, y, 2.8, 0.65, label, "#ffb482" if i < 3 else ORANGE, color="black", fontsize=8.5)
+        _arrow(ax, (11.0, 2.6), (12.0, y + 0.32), color=GREEN)
+    ax.text(9.3, 1.55, "per layer, one solve for all N:\nΔW = R Kᵀ (λC + K Kᵀ)⁻¹", fontsize=8.5)
+    ax.text(9.3, 0.25, "going up the range, each layer writes a share of\nwhat the layers below left missing",
+            fontsize=8.5, color="dimgrey")
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.98, bottom=0.02)
+    return fig
+
+
+def fig_replication_depth() -> plt.Figure:
+    """Comparing two models: layers compared by relative depth, and the three choices of the chapter."""
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    ax.set(xlim=(0, 11.5), ylim=(-0.45, 4.2))
+    ax.axis("off")
+    ax.text(0.1, 3.95, "a. layers compared by relative depth", fontsize=10, weight="bold")
+    for x, n, name, colour in ((0.9, 30, "model A\n30 layers", BLUE), (2.6, 18, "model B\n18 layers", ORANGE)):
+        h = 3.2 / n
+        for i in range(n):
+            ax.add_patch(Rectangle((x, 0.3 + i * h), 0.8, h * 0.8, fc=colour, ec="none", alpha=0.75))
+        ax.text(x + 0.4, -0.05, name, ha="center", va="top", fontsize=8.5)
+    for depth, label in ((0.0, "0"), (0.5, "0.5"), (1.0, "1")):
+        ax.text(0.75, 0.3 + 3.2 * depth, label, ha="right", va="center", fontsize=8.5)
+    ax.text(0.12, 1.9, "relative\ndepth", ha="center", va="center", fontsize=8.5, rotation=90)
+    ax.plot([0.8, 3.5], [1.9, 1.9], color=RED, ls="--", lw=1.2)
+    ax.text(3.6, 1.9, "depth 0.5 = layer 15 of 30\n= layer 9 of 18", va="center", fontsize=8.5, color=RED)
+    ax.plot([5.6, 5.6], [-0.3, 4.1], color=GREY, lw=0.8)
+    ax.text(5.8, 3.95, "b. three choices that make the comparison fair", fontsize=10, weight="bold")
+    choices = [("same facts", "only facts that both models know\nare traced and edited", GREEN),
+               ("same relative depth", "curves against layer ÷ number of layers;\nthe tracing window scaled "
+                                       "to each depth", RED),
+               ("same statistics", "stated numbers of facts and samples,\n95% bootstrap intervals over facts",
+                PURPLE)]
+    for i, (head, text, colour) in enumerate(choices):
+        y = 2.75 - i * 1.2
+        _box(ax, 5.9, y, 1.9, 0.75, head, colour, fontsize=9)
+        ax.text(8.0, y + 0.37, text, va="center", fontsize=8.5)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.98, bottom=0.02)
+    return fig
+
+
 FIGURES: dict[str, Callable[[], plt.Figure]] = {
     "engram_tagging.svg": fig_engram_tagging,
     "formation_graft.svg": fig_formation_graft,
@@ -257,6 +330,8 @@ FIGURES: dict[str, Callable[[], plt.Figure]] = {
     "modification_rank_one.svg": fig_modification_rank_one,
     "forgetting_lashley.svg": fig_forgetting_lashley,
     "limits_evidence.svg": fig_limits_evidence,
+    "consolidation_memit.svg": fig_consolidation_memit,
+    "replication_depth.svg": fig_replication_depth,
 }
 
 

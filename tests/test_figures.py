@@ -9,7 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "book" / "figures"
-CHAPTERS = ["engram", "formation", "retrieval", "modification", "forgetting", "limits"]
+CHAPTERS = ["engram", "formation", "retrieval", "modification", "forgetting", "consolidation", "replication",
+            "limits"]
 
 
 def _make_figures():
@@ -51,3 +52,24 @@ def test_every_chapter_shows_a_figure_with_alt_text_and_caption():
             used.add(Path(path).name)
     unused = {p.name for p in FIGURES.glob("*.svg")} - used
     assert not unused, f"figures drawn but not shown in any chapter: {unused}"
+
+
+# Each chapter that pairs with a method notebook (in _toc.yml) shows that notebook's key result figure.
+PAIRED = {"formation": "grafting", "retrieval": "causal_tracing", "modification": "rome", "forgetting": "forgetting",
+          "consolidation": "consolidation", "replication": "replication"}
+
+
+def test_every_paired_chapter_shows_its_notebooks_figure_with_a_caption():
+    """A ```{glue} KEY / :doc: ../notebooks/NAME.ipynb block, where the notebook glues KEY, followed by a caption
+    paragraph that starts in italics and says what to look at (MyST's {glue} takes no caption option)."""
+    block = re.compile(r"^```\{glue\}\s+(\S+)\n:doc: \.\./notebooks/(\S+)\.ipynb\n```\n\n(\*\S.*?)\n\n",
+                       re.MULTILINE | re.DOTALL)
+    for chapter, notebook in PAIRED.items():
+        found = [(key, nb, caption) for key, nb, caption in block.findall((ROOT / "book" / f"{chapter}.md").read_text())
+                 if nb == notebook]
+        assert found, f"{chapter}.md shows no figure glued from notebooks/{notebook}.ipynb with an italic caption"
+        source = (ROOT / "notebooks" / f"{notebook}.ipynb").read_text()
+        for key, _, caption in found:
+            assert f'glue(\\"{key}\\", fig' in source, f"notebooks/{notebook}.ipynb does not glue a figure as {key!r}"
+            assert re.search(r"\b(Look at|look at|Compare)\b", caption), \
+                f"{chapter}.md: the caption under {key} should say what to look at"
