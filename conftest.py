@@ -45,15 +45,20 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -expected_seconds(item.nodeid))
 
 
+def work_unit(nodeid: str) -> str:
+    """What xdist hands to one worker at once: the whole file, or the test itself for SPLIT_FILES."""
+    return nodeid if nodeid.startswith(SPLIT_FILES) else nodeid.split("::", 1)[0]
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadfile``, except that each test of a file in SPLIT_FILES is a work unit of its own."""
+    """``--dist loadfile`` with :func:`work_unit` as the unit (one test of a SPLIT_FILES file, else a file)."""
     if config.getoption("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
 
     class LoadFileSplitting(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return nodeid if nodeid.startswith(SPLIT_FILES) else super()._split_scope(nodeid)
+            return work_unit(nodeid)
 
     return LoadFileSplitting(config, log)

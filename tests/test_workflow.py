@@ -95,3 +95,22 @@ def test_test_order_names_existing_files():
     assert runs and all(p.startswith(conftest.SPLIT_FILES) for p in runs), runs
     gone = [p for p in runs if not (ROOT / "notebooks" / f"{p.split('[', 1)[1].rstrip(']')}.ipynb").exists()]
     assert not gone, f"EXPECTED_SECONDS names student runs of notebooks that do not exist: {gone}"
+
+
+def test_work_units_keep_notebooks_whole_and_split_the_student_runs():
+    """Under `--dist loadfile` a notebook's cells must stay on one worker (they share one kernel), while the
+    student runs, each a whole notebook of its own, may go to either worker."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    cells = [conftest.work_unit(f"notebooks/rome.ipynb::Cell {i}") for i in range(3)]
+    assert cells == ["notebooks/rome.ipynb"] * 3
+    runs = {conftest.work_unit(f"tests/test_student_run.py::test_student_version_runs_end_to_end[{n}]")
+            for n in ("rome", "grafting")}
+    assert len(runs) == 2
+    assert conftest.work_unit("tests/test_student_run.py::test_there_are_notebooks_with_exercises") != \
+        "tests/test_student_run.py"
+    assert conftest.work_unit("tests/test_models.py::test_a[x]") == "tests/test_models.py"
+
