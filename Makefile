@@ -132,5 +132,5 @@ consolidation-sweep: setup
 # Linters: ruff over the library, tests, notebooks and scripts; mypy on the library (config in pyproject.toml).
 .PHONY: lint
 lint: setup
-	$(VENV)/bin/ruff check conftest.py engram_helpers tests notebooks scripts benchmarks
+	$(VENV)/bin/ruff check conftest.py _ext engram_helpers tests notebooks scripts benchmarks
 	$(VENV)/bin/mypy

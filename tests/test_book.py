@@ -209,6 +209,22 @@ def test_no_page_loads_from_another_host(built):
 
 
 @pytest.mark.book
+def test_chapter_figures_have_alt_text(built):
+    """Every image on a chapter page describes itself: a ```{figure} by its :alt:, a figure pasted from a notebook
+    by its caption (_ext/glued_alt.py), a figure drawn by a code cell by its `mystnb: image: alt:` option; without
+    them the HTML's alt would be the image's file name."""
+    missing = {}
+    for page in sorted((HTML / "book").glob("*.html")):
+        for tag in re.findall(r"<img\b[^>]*>", page.read_text(encoding="utf-8")):
+            if 'src="../_static/' in tag:  # the theme's own icons (e.g. the Colab logo of the launch button)
+                continue
+            alt = re.search(r'\balt="([^"]*)"', tag)
+            if alt is None or len(alt.group(1)) < 20 or re.fullmatch(r"[./\w-]+\.(png|svg|jpe?g)", alt.group(1)):
+                missing.setdefault(page.name, []).append(tag[:120])
+    assert not missing, f"images without a description: {missing}"
+
+
+@pytest.mark.book
 def test_maths_and_widgets_served_locally(built):
     mathjax = HTML / "_static" / "vendor" / "mathjax" / "tex-chtml.js"
     assert mathjax.exists() and (HTML / "_static/vendor/mathjax/output/chtml/fonts/woff-v2").is_dir()
