@@ -3,6 +3,7 @@ and the student notebooks published where the "student version" links point."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import tomllib
@@ -19,6 +20,14 @@ def steps(job: str) -> list[dict]:
 
 def uses(job: str) -> list[str]:
     return [s["uses"].split("@")[0] for s in steps(job) if "uses" in s]
+
+
+def _root_conftest():
+    """The repository's root conftest.py as a module (test order and work units)."""
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def runs(job: str) -> str:
@@ -84,11 +93,7 @@ def test_test_order_names_existing_files():
     """`make test` and `make book` hand whole files to two workers in collection order, longest first
     (EXPECTED_SECONDS in the root conftest.py): a renamed notebook would silently lose its place at the front
     and could end up running alone at the end."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
-    conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conftest)
+    conftest = _root_conftest()
     missing = [p for p in conftest.EXPECTED_SECONDS if not (ROOT / p.split("::", 1)[0]).exists()]
     assert not missing, f"EXPECTED_SECONDS names files that do not exist: {missing}"
     runs = [p for p in conftest.EXPECTED_SECONDS if "::" in p]
@@ -100,11 +105,7 @@ def test_test_order_names_existing_files():
 def test_work_units_keep_notebooks_whole_and_split_the_student_runs():
     """Under `--dist loadfile` a notebook's cells must stay on one worker (they share one kernel), while the
     student runs, each a whole notebook of its own, may go to either worker."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
-    conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conftest)
+    conftest = _root_conftest()
     cells = [conftest.work_unit(f"notebooks/rome.ipynb::Cell {i}") for i in range(3)]
     assert cells == ["notebooks/rome.ipynb"] * 3
     runs = {conftest.work_unit(f"tests/test_student_run.py::test_student_version_runs_end_to_end[{n}]")
