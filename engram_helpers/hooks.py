@@ -13,6 +13,9 @@ One small mechanism, in the spirit of baukit's ``nethook``, used by every method
         model(**batch)  # stops as soon as that module has run: the layers above are not computed
     t.input             # the MLP keys of layer 3
 
+    with replay(model, {"model.layers.0": recorded}):
+        model(**batch)  # layer 0 does not run: it returns `recorded`, an output kept from an earlier pass
+
 Modules that return tuples (attention in transformers 5 returns ``(output, weights)``) are handled: the
 hook reads and edits the first element and passes the rest through unchanged. Hooks are always removed
 when the ``with`` block ends, also on error. With ``stop=True`` the forward pass ends (by an exception
@@ -174,6 +177,39 @@ def trace_many(
             yield records
         except StopForward:
             pass
+
+
+class _Replay(nn.Module):
+    """Stands in for a module: returns a recorded output without computing anything."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.recorded = output
+
+    def forward(self, *_args, **_kwargs) -> torch.Tensor:
+        return self.recorded
+
+
+@contextmanager
+def replay(model: nn.Module, outputs: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Inside the block, each module named in ``outputs`` does not run: it returns ``outputs[name]``.
+
+    For modules whose output is one tensor and whose inputs are the same in every pass, e.g. the layers
+    below a ROME edit: record their outputs once (``trace_many(..., stop=True)``), then replay them in
+    every step instead of recomputing. The modules are put back when the block ends, also on error.
+    """
+    swapped = []
+    try:
+        for name, out in outputs.items():
+            module = get_module(model, name)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            parent._modules[child] = _Replay(out)
+            swapped.append((parent, child, module))
+        yield
+    finally:
+        for parent, child, module in reversed(swapped):
+            parent._modules[child] = module
 
 
 def replace_at(values: torch.Tensor, positions: torch.Tensor | list[int] | int,

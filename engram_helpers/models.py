@@ -421,8 +421,9 @@ def bos_prefix(tokenizer) -> str:
     bos = tokenizer.bos_token
     if bos is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
         return bos
-    token = "<|endoftext|>"
-    return token if token in tokenizer.get_vocab() else ""
+    token = "<|endoftext|>"  # looked up, not searched for in get_vocab(): that builds a dict of the whole vocabulary
+    i = tokenizer.convert_tokens_to_ids(token)
+    return token if i is not None and tokenizer.convert_ids_to_tokens(i) == token else ""
 
 
 def encode(tokenizer, prompts: list[str] | str, device: str | torch.device = "cpu"):

@@ -29,14 +29,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from importlib import resources
-from typing import Iterator, Sequence, cast
+from typing import Any, Iterator, Sequence, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import weights
-from .hooks import trace
+from .hooks import replay, trace, trace_many
 from .layer_stats import SecondMoment, second_moment
 from .models import answer_ids, arch, cache_file, cache_kwargs, encode, mlp_out_weight, model_id, sample_text
 from .query import Query, contexts, subject_last
@@ -201,7 +201,8 @@ class _Batch:
 
     Every row is left-padded so that its subject's last token sits at column ``S``. Columns ``< S`` do not
     depend on delta: they run once (``prefix_*``) and their keys and values are reused. Each step runs only
-    the suffix (columns ``>= S``), with delta added at its first column.
+    the suffix (columns ``>= S``), with delta added at its first column. A context row ends with the target's
+    tokens but its last, whose output nothing reads: its last ``n_target`` columns predict the target.
     """
 
     prefix_ids: torch.Tensor      # [n, S]
@@ -209,12 +210,13 @@ class _Batch:
     suffix_ids: torch.Tensor      # [n, T]
     suffix_mask: torch.Tensor     # [n, T]
     positions: torch.Tensor       # [n, S + T] position ids
-    answer_cols: torch.Tensor     # [n_rw, n_target] suffix columns whose logits predict the target tokens
+    answer_cols: torch.Tensor     # [n_rw, n_target] suffix columns whose outputs predict the target tokens
     kl_col: int                   # suffix column of the KL prompt's last token (last row)
 
 
 def _value_batch(tok, rows: list[tuple[list[int], int]], n_target: int, device) -> _Batch:
-    """``rows``: (token ids, subject-last position); all but the last end with the target's tokens."""
+    """``rows``: (token ids, subject-last position); all but the last end with the target's tokens but its
+    last (the last row is the KL prompt)."""
     S = max(s for _, s in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     T = max(len(ids) - s for ids, s in rows)
@@ -227,10 +229,9 @@ def _value_batch(tok, rows: list[tuple[list[int], int]], n_target: int, device) 
     ids_t = torch.tensor(ids_all, device=device)
     mask_t = torch.tensor(mask_all, device=device)
     positions = (mask_t.cumsum(1) - 1).clamp_min(0)
-    ends = [S + len(ids) - s for ids, s in rows]  # one past each row's last real column
-    answer_cols = torch.tensor([[e - S - n_target - 1 + j for j in range(n_target)] for e in ends[:-1]], device=device)
-    return _Batch(ids_t[:, :S], mask_t[:, :S], ids_t[:, S:], mask_t[:, S:], positions, answer_cols,
-                  ends[-1] - S - 1)
+    ends = [len(ids) - s for ids, s in rows]  # one past each row's last real suffix column
+    answer_cols = torch.tensor([[e - n_target + j for j in range(n_target)] for e in ends[:-1]], device=device)
+    return _Batch(ids_t[:, :S], mask_t[:, :S], ids_t[:, S:], mask_t[:, S:], positions, answer_cols, ends[-1] - 1)
 
 
 def compute_value(model: nn.Module, tok, query: Query, key: torch.Tensor, hparams: HParams,
@@ -243,9 +244,12 @@ def compute_value(model: nn.Module, tok, query: Query, key: torch.Tensor, hparam
     ‖delta‖ / ‖W k*‖². After each Adam step ‖delta‖ is clamped to ``clamp_factor`` · ‖W k*‖.
     All settings come from ``hparams``. Returns a :class:`ValueResult` with ``v = W k* + delta`` ([d_model]).
 
-    Speed: positions before the subject's last token do not depend on delta, so they run once and their
-    keys and values are reused (a key-value cache copied for every step); each step computes the logits
-    only at the positions that are scored.
+    Speed: only what delta changes is computed in each step. The positions before the subject's last token
+    do not depend on delta: they run once and their keys and values are reused (a key-value cache copied
+    for every step). The layers below the edited one do not depend on delta either: their outputs at the
+    other positions are recorded once and replayed (:func:`~engram_helpers.hooks.replay`). Logits are
+    computed only where a loss reads them, and the target's last token is not fed in (no loss reads its
+    output).
     """
     hp = hparams
     target = answer_ids(tok, query.require_target())
@@ -255,24 +259,36 @@ def compute_value(model: nn.Module, tok, query: Query, key: torch.Tensor, hparam
 
     rw = contexts(query, list(prefixes))
     kl_query = Query("{} is a", query.subject)
-    rows = [(encode(tok, q.prompt)[0]["input_ids"][0].tolist() + target, subject_last(tok, q)) for q in rw]
+    rows = [(encode(tok, q.prompt)[0]["input_ids"][0].tolist() + target[:-1], subject_last(tok, q)) for q in rw]
     rows.append((encode(tok, kl_query.prompt)[0]["input_ids"][0].tolist(), subject_last(tok, kl_query)))
     b = _value_batch(tok, rows, len(target), device)
     n_rw = len(rw)
     S = b.prefix_ids.shape[1]
     full_mask = torch.cat([b.prefix_mask, b.suffix_mask], dim=1)
-    keep = torch.unique(torch.cat([b.answer_cols.flatten(), torch.tensor([b.kl_col], device=device)]))
-    col = {int(c): i for i, c in enumerate(keep.tolist())}
-    ans_idx = torch.tensor([[col[int(c)] for c in r] for r in b.answer_cols.tolist()], device=device)
+    rows_i = torch.arange(n_rw, device=device)[:, None]
     tgt = torch.tensor(target, device=device)
 
     from transformers import DynamicCache, PretrainedConfig
 
+    causal_lm: Any = model  # a transformers PreTrainedModel: nn.Module does not declare these two
+    lm, head = causal_lm.base_model, causal_lm.get_output_embeddings()
+
+    def suffix_pass(cache: DynamicCache) -> torch.Tensor:
+        """The suffix through the model, after the cached prefix: last hidden states [n, T, d_model]."""
+        return lm(input_ids=b.suffix_ids, attention_mask=full_mask, position_ids=b.positions[:, S:], use_cache=True,
+                  **cache_kwargs(lm, cache)).last_hidden_state
+
     cache = DynamicCache(config=cast(PretrainedConfig, model.config))
-    if S > 0:  # the part that does not depend on delta, once
-        with torch.no_grad():
-            model(input_ids=b.prefix_ids, attention_mask=b.prefix_mask, position_ids=b.positions[:, :S],
-                  use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+    below = arch(model).names("layer")[:hp.layer]
+    with torch.no_grad():
+        if S > 0:  # the part that does not depend on delta, once
+            lm(input_ids=b.prefix_ids, attention_mask=b.prefix_mask, position_ids=b.positions[:, :S], use_cache=True,
+               **cache_kwargs(lm, cache))
+        recorded: dict[str, torch.Tensor] = {}
+        if below:  # the layers below the edit, at the suffix's positions, once
+            with trace_many(model, below, stop=True) as rec:
+                suffix_pass(copy.deepcopy(cache))
+            recorded = {n: cast(torch.Tensor, r.output) for n, r in rec.items()}
 
     torch.manual_seed(seed)
     delta = torch.zeros_like(out_init, requires_grad=True)
@@ -289,15 +305,14 @@ def compute_value(model: nn.Module, tok, query: Query, key: torch.Tensor, hparam
     p_new = float("nan")
     name = arch(model).mlp_name(hp.layer)
     for _step in range(max(1, hp.v_steps)):
-        with torch.enable_grad(), trace(model, name, retain_output=False, edit_output=add_delta):
-            logits = model(input_ids=b.suffix_ids, attention_mask=full_mask, position_ids=b.positions[:, S:],
-                           use_cache=True, logits_to_keep=keep,
-                           **cache_kwargs(model, copy.deepcopy(cache))).logits.float()
-            logp = torch.log_softmax(logits[:n_rw], dim=-1)                       # [n_rw, n_keep, vocab]
-            rows_i = torch.arange(n_rw, device=device)[:, None]
-            tok_logp = logp[rows_i, ans_idx, tgt[None, :]]                       # [n_rw, n_target]
+        with torch.enable_grad(), replay(model, recorded), trace(model, name, retain_output=False,
+                                                                  edit_output=add_delta):
+            hidden = suffix_pass(copy.deepcopy(cache))
+            logits = head(torch.cat([hidden[rows_i, b.answer_cols].flatten(0, 1), hidden[n_rw, b.kl_col][None]]))
+            logp = torch.log_softmax(logits[:-1].float(), dim=-1).view(n_rw, len(target), -1)  # [n_rw, n_target, vocab]
+            tok_logp = logp.gather(-1, tgt[None, :, None].expand(n_rw, -1, 1))[..., 0]       # [n_rw, n_target]
             nll = -tok_logp.mean()
-            kl_logp = torch.log_softmax(logits[n_rw, col[b.kl_col]], dim=-1)
+            kl_logp = torch.log_softmax(logits[-1].float(), dim=-1)
             if init_kl is None:
                 init_kl = kl_logp.detach()
             kl = F.kl_div(init_kl, kl_logp, log_target=True, reduction="sum")

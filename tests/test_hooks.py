@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engram_helpers.hooks import get_module, replace_at, trace, trace_many
+from engram_helpers.hooks import get_module, replace_at, replay, trace, trace_many
 from engram_helpers.models import arch
 
 IDS = torch.tensor([[5, 17, 3, 42, 9, 11, 60, 2]])  # [1, seq]
@@ -200,3 +200,32 @@ def test_retain_grad_gives_the_gradient_of_a_module_output(tiny_llama):
     finally:
         emb.weight.requires_grad_(False)
         emb.weight.grad = None
+
+
+def test_replay_skips_the_module_and_gives_the_same_result(tiny_model):
+    """A layer replayed with its own recorded output does not run, the logits do not change, and the layer is
+    back in place after the block (also after an error)."""
+    a = arch(tiny_model)
+    clean = logits(tiny_model)
+    with trace_many(tiny_model, [a.layer_name(0)]) as recs:
+        logits(tiny_model)
+    layer0 = get_module(tiny_model, a.layer_name(0))
+    ran: list[int] = []
+    handle = layer0.register_forward_hook(lambda *_: ran.append(0))
+    try:
+        with replay(tiny_model, {a.layer_name(0): recs[a.layer_name(0)].output}):
+            replayed = logits(tiny_model)
+        assert ran == [] and torch.equal(replayed, clean)
+        # a replayed output that differs from the real one does change the result: the recording is used
+        with replay(tiny_model, {a.layer_name(0): recs[a.layer_name(0)].output * 0}):
+            assert not torch.allclose(logits(tiny_model), clean)
+        with pytest.raises(RuntimeError), replay(tiny_model, {a.layer_name(0): recs[a.layer_name(0)].output}):
+            raise RuntimeError("inside the block")
+        assert get_module(tiny_model, a.layer_name(0)) is layer0
+        logits(tiny_model)
+        assert ran == [0]
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="no module"):
+        with replay(tiny_model, {"model.nowhere": clean}):
+            pass

@@ -111,6 +111,24 @@ def test_second_load_is_fast_and_identical(default_model):
     assert torch.equal(model(**batch).logits, again(**batch).logits)
 
 
+def test_bos_prefix_is_the_separator_token_only_where_the_vocabulary_has_it():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    def word_level(vocab: dict[str, int]) -> PreTrainedTokenizerFast:
+        t = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+        t.pre_tokenizer = Whitespace()  # type: ignore[assignment]
+        return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
+
+    # an unknown token maps to [UNK]'s id: that must not count as having <|endoftext|>
+    assert models.bos_prefix(word_level({"[UNK]": 0, "a": 1})) == ""
+    with_it = word_level({"[UNK]": 0, "a": 1, "<|endoftext|>": 2})
+    with_it.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
+    assert models.bos_prefix(with_it) == "<|endoftext|>"
+
+
 def test_encode_and_probabilities(default_model):
     model, tok = default_model
     batch, last = models.encode(tok, ["The capital of France is", "Paris"])

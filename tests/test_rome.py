@@ -139,12 +139,16 @@ def _reference_loss(model, tok, q, prefixes, layer, delta):
     return torch.stack(nlls).mean(), kl_logp
 
 
-def test_fast_value_optimization_matches_plain_forward_passes(default_model):
-    """compute_value reuses the positions before the subject and computes few logits: its losses must be
-    those of plain full forward passes, at delta = 0 and after one Adam step computed here independently."""
+@pytest.mark.parametrize("target", ["Rome", "Rio de Janeiro"])
+def test_fast_value_optimization_matches_plain_forward_passes(default_model, target):
+    """compute_value reuses the positions before the subject, replays the layers below the edit, feeds the
+    target without its last token and computes few logits: its losses must be those of plain full forward
+    passes, at delta = 0 and after one Adam step computed here independently (a one-token and a
+    several-token target)."""
     model, tok = default_model
     fact = data.load_facts()[0]
-    q = fact.query(fact.target_new)
+    q = fact.query(target)
+    assert len(answer_ids(tok, target)) == (1 if target == "Rome" else 3)
     prefixes = ["I saw the Eiffel Tower", "Because"]  # different lengths: left padding is exercised
     hp = rome.with_settings(rome.hparams_for(model), v_steps=2, nll_stop=-1.0)
     key = rome.compute_key(model, tok, q, hp.layer, prefixes)
