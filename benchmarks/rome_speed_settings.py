@@ -1,0 +1,83 @@
+"""Can a ROME setting make every edit fast without making the edits worse?
+
+    PYTHONPATH=. flock /tmp/engram-heavy.lock python benchmarks/rome_speed_settings.py \
+        [--facts 30] [--variants v_lr=1 v_lr=2 v_steps=12]
+
+The value optimization stops once the new object's NLL is below ``nll_stop``, after at most ``v_steps`` Adam steps;
+a larger learning rate gets there in fewer steps, a lower cap stops the hard edits sooner. This edits the first
+``--facts`` known facts of the DEVELOPMENT split at the model's layer with the model's settings and with each
+variant (one setting changed), scores each edit with the CounterFact magnitudes (one edit at a time, undone), and
+prints per variant the mean scores with bootstrap 95% intervals, the seconds for k* and v* and how many edits took
+at most 4 s, then each variant's paired difference from the model's settings (bootstrap over facts, 2,000
+resamples, seed 0). Writes every per-fact number to ``benchmarks/results/rome_speed_settings.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engram_helpers import data, evaluation, rome
+from engram_helpers.models import load_model, model_id
+
+OUT = Path(__file__).parent / "results" / "rome_speed_settings.json"
+SCORES = evaluation.MAGNITUDES + ("neighbourhood_kl",)
+
+
+def paired(a: list[float], b: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """Mean of b - a over facts with a percentile bootstrap 95% interval."""
+    x = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    means = x[np.random.default_rng(seed).integers(0, len(x), size=(2000, len(x)))].mean(axis=1)
+    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def parse_variant(text: str, hp: rome.HParams) -> dict[str, float | int]:
+    """``"v_lr=1"`` -> ``{"v_lr": 1.0}``, typed like the setting it changes."""
+    name, _, value = text.partition("=")
+    if not hasattr(hp, name) or not value:
+        raise SystemExit(f"--variants takes setting=value with a setting of rome.HParams, got {text!r}")
+    return {name: type(getattr(hp, name))(float(value))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--facts", type=int, default=30)
+    ap.add_argument("--variants", nargs="+", default=["v_lr=1", "v_lr=2", "v_steps=12"])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = load_model()
+    hp0 = rome.hparams_for(model)
+    variants = {"settings": {}} | {v: parse_variant(v, hp0) for v in args.variants}
+    facts = data.known_facts(model, tok, data.facts_in_split("dev"))[: args.facts]
+    print(f"{len(facts)} dev facts, layer {hp0.layer}, lr {hp0.v_lr}, up to {hp0.v_steps} steps, {hp0.n_prefixes} "
+          f"prefixes, {args.threads} threads")
+    per: dict[str, dict[str, list[float]]] = {}
+    for label, change in variants.items():
+        t0 = time.perf_counter()
+        ev = evaluation.evaluate(model, tok, facts, hparams=rome.with_settings(hp0, **change), unedited=False)
+        per[label] = {m: ev.values("rome", m).tolist() for m in SCORES + ("steps", "seconds")}
+        secs = ev.values("rome", "seconds")
+        print(f"{label}: {time.perf_counter() - t0:.0f} s; "
+              + "  ".join(f"{m} {ev.estimate('rome', m)}" for m in SCORES)
+              + f"; seconds per edit {ev.estimate('rome', 'seconds')}, {int((secs <= 4).sum())} of {len(secs)} "
+                f"within 4 s; steps {ev.values('rome', 'steps').astype(int).tolist()}", flush=True)
+    diffs = {v: {m: paired(per["settings"][m], per[v][m]) for m in SCORES} for v in per if v != "settings"}
+    for v, d in diffs.items():
+        print(f"{v} minus the settings: " + "  ".join(f"{m} {x[0]:+.3f} [{x[1]:+.3f}, {x[2]:+.3f}]"
+                                                     for m, x in d.items()))
+    OUT.parent.mkdir(exist_ok=True)
+    OUT.write_text(json.dumps({"model": model_id(model), "split": "dev", "fact_ids": [f.id for f in facts],
+                               "settings": {k: getattr(hp0, k) for k in ("layer", "v_lr", "v_steps", "nll_stop",
+                                                                           "n_prefixes")},
+                               "threads": args.threads, "per_variant": per, "paired_difference": diffs}, indent=1))
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
