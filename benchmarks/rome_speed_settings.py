@@ -29,13 +29,6 @@ OUT = Path(__file__).parent / "results" / "rome_speed_settings.json"
 SCORES = evaluation.MAGNITUDES + ("neighbourhood_kl",)
 
 
-def paired(a: list[float], b: list[float], seed: int = 0) -> tuple[float, float, float]:
-    """Mean of b - a over facts with a percentile bootstrap 95% interval."""
-    x = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
-    means = x[np.random.default_rng(seed).integers(0, len(x), size=(2000, len(x)))].mean(axis=1)
-    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def parse_variant(text: str, hp: rome.HParams) -> dict[str, float | int]:
     """``"v_lr=1"`` -> ``{"v_lr": 1.0}``, typed like the setting it changes."""
     name, _, value = text.partition("=")
@@ -67,15 +60,18 @@ def main() -> None:
               + "  ".join(f"{m} {ev.estimate('rome', m)}" for m in SCORES)
               + f"; seconds per edit {ev.estimate('rome', 'seconds')}, {int((secs <= 4).sum())} of {len(secs)} "
                 f"within 4 s; steps {ev.values('rome', 'steps').astype(int).tolist()}", flush=True)
-    diffs = {v: {m: paired(per["settings"][m], per[v][m]) for m in SCORES} for v in per if v != "settings"}
+    diffs = {v: {m: evaluation.bootstrap(np.subtract(per[v][m], per["settings"][m])) for m in SCORES}
+             for v in per if v != "settings"}  # paired: per-fact differences, bootstrapped over facts
     for v, d in diffs.items():
-        print(f"{v} minus the settings: " + "  ".join(f"{m} {x[0]:+.3f} [{x[1]:+.3f}, {x[2]:+.3f}]"
+        print(f"{v} minus the settings: " + "  ".join(f"{m} {x.mean:+.3f} [{x.lo:+.3f}, {x.hi:+.3f}]"
                                                      for m, x in d.items()))
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(json.dumps({"model": model_id(model), "split": "dev", "fact_ids": [f.id for f in facts],
                                "settings": {k: getattr(hp0, k) for k in ("layer", "v_lr", "v_steps", "nll_stop",
                                                                            "n_prefixes")},
-                               "threads": args.threads, "per_variant": per, "paired_difference": diffs}, indent=1))
+                               "threads": args.threads, "per_variant": per,
+                               "paired_difference": {v: {m: [x.mean, x.lo, x.hi] for m, x in d.items()}
+                                                     for v, d in diffs.items()}}, indent=1))
     print(f"wrote {OUT}")
 
 
