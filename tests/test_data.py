@@ -1,20 +1,18 @@
 """The facts dataset: schema rules, and that the default model knows enough of it."""
 
-import importlib.util
 import json
 import re
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from by_path import load
 
 from engram_helpers.data import Fact, facts_in_split, is_known, known_facts, load_facts, relations
 from engram_helpers.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("split_facts", ROOT / "scripts" / "split_facts.py")
-split_facts = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(split_facts)
+split_facts = load("scripts/split_facts.py")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import tomllib
 import yaml
+from by_path import load
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -120,11 +121,7 @@ def test_generated_and_local_folders_are_ignored():
 
 
 def test_vendor_assets_copies_what_the_book_loads(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("vendor_assets", ROOT / "scripts" / "vendor_assets.py")
-    va = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(va)
+    va = load("scripts/vendor_assets.py")
     nm = tmp_path / "node_modules"
     with pytest.raises(SystemExit, match="npm ci"):
         va.vendor(nm, tmp_path / "a/_static/vendor")

@@ -3,9 +3,10 @@ chapter shows at least one, with alt text."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
+
+from by_path import load
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "book" / "figures"
@@ -14,10 +15,7 @@ CHAPTERS = ["engram", "formation", "retrieval", "modification", "forgetting", "c
 
 
 def _make_figures():
-    spec = importlib.util.spec_from_file_location("make_figures", ROOT / "scripts" / "make_figures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("scripts/make_figures.py")
 
 
 def test_committed_figures_equal_a_fresh_run(tmp_path):

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+from by_path import load
 from docutils import nodes
 from docutils.frontend import get_default_settings
 from docutils.parsers.rst import Parser
 from docutils.utils import new_document
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("glued_alt", ROOT / "_ext" / "glued_alt.py")
-glued_alt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(glued_alt)
+glued_alt = load("_ext/glued_alt.py")
 
 
 def _document():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,12 +10,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from by_path import load
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("stamp", ROOT / "scripts" / "stamp.py")
-stamp = importlib.util.module_from_spec(_spec)
-sys.modules["stamp"] = stamp
-_spec.loader.exec_module(stamp)
+stamp = load("scripts/stamp.py")
 
 NOTEBOOKS = stamp.notebooks()
 PINS = stamp.nodeps_pins()

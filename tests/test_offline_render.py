@@ -6,12 +6,12 @@ skipped where either is missing, except under CI (``CI=true``), where a missing 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+from by_path import load
 
 ROOT = Path(__file__).resolve().parents[1]
 MATHJAX = ROOT / "node_modules" / "mathjax" / "es5"
@@ -33,10 +33,7 @@ PAGE = """<!doctype html><html><head><title>{title}</title>
 
 
 def _load_checker():
-    spec = importlib.util.spec_from_file_location("check_offline_render", ROOT / "scripts" / "check_offline_render.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("scripts/check_offline_render.py")
 
 
 def _site(tmp_path: Path, mathjax_src: str) -> Path:

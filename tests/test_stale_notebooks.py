@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import nbformat
+from by_path import load
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("stale_notebooks", ROOT / "scripts" / "stale_notebooks.py")
-sn = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sn)
+sn = load("scripts/stale_notebooks.py")
 
 
 def test_only_uncached_or_changed_notebooks_are_stale(tmp_path):

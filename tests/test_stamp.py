@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 import yaml
+from by_path import load
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("stamp", ROOT / "scripts" / "stamp.py")
-stamp = importlib.util.module_from_spec(_spec)
-sys.modules["stamp"] = stamp  # dataclasses look their module up there
-_spec.loader.exec_module(stamp)
+stamp = load("scripts/stamp.py")
 
 COURSE = stamp.read_course()
 

@@ -3,16 +3,14 @@ versions run end to end in tests/test_student_run.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import nbformat
 import pytest
+from by_path import load
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_student", ROOT / "scripts" / "make_student.py")
-ms = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ms)
+ms = load("scripts/make_student.py")
 
 METHOD_NOTEBOOKS = ["grafting", "causal_tracing", "rome", "forgetting"]  # paired with chapters in _toc.yml
 

@@ -11,18 +11,16 @@ every other cell must succeed, so the cells after an exercise cannot depend on t
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import nbformat
 import pytest
+from by_path import load
 from nbrun import run_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_student", ROOT / "scripts" / "make_student.py")
-ms = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ms)
+ms = load("scripts/make_student.py")
 
 
 def _has_exercises(path: Path) -> bool:

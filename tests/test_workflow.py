@@ -3,11 +3,11 @@ and the student notebooks published where the "student version" links point."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import tomllib
 import yaml
+from by_path import load
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = yaml.safe_load((ROOT / ".github" / "workflows" / "course.yml").read_text())
@@ -24,10 +24,7 @@ def uses(job: str) -> list[str]:
 
 def _root_conftest():
     """The repository's root conftest.py as a module (test order and work units)."""
-    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("conftest.py", "root_conftest")
 
 
 def runs(job: str) -> str:
