@@ -38,7 +38,17 @@ from torch import nn
 from . import weights
 from .hooks import replay, trace, trace_many
 from .layer_stats import SecondMoment, second_moment
-from .models import answer_ids, arch, cache_file, cache_kwargs, encode, mlp_out_weight, model_id, sample_text
+from .models import (
+    answer_ids,
+    arch,
+    cache_file,
+    cache_kwargs,
+    encode,
+    mlp_out_weight,
+    model_id,
+    output_logits,
+    sample_text,
+)
 from .query import Query, contexts, subject_last
 
 # ----------------------------------------------------------------------------------------------------------
@@ -270,8 +280,8 @@ def compute_value(model: nn.Module, tok, query: Query, key: torch.Tensor, hparam
 
     from transformers import DynamicCache, PretrainedConfig
 
-    causal_lm: Any = model  # a transformers PreTrainedModel: nn.Module does not declare these two
-    lm, head = causal_lm.base_model, causal_lm.get_output_embeddings()
+    lm: Any = model  # a transformers PreTrainedModel: nn.Module does not declare base_model
+    lm = lm.base_model
 
     def suffix_pass(cache: DynamicCache) -> torch.Tensor:
         """The suffix through the model, after the cached prefix: last hidden states [n, T, d_model]."""
@@ -308,7 +318,8 @@ def compute_value(model: nn.Module, tok, query: Query, key: torch.Tensor, hparam
         with torch.enable_grad(), replay(model, recorded), trace(model, name, retain_output=False,
                                                                   edit_output=add_delta):
             hidden = suffix_pass(copy.deepcopy(cache))
-            logits = head(torch.cat([hidden[rows_i, b.answer_cols].flatten(0, 1), hidden[n_rw, b.kl_col][None]]))
+            logits = output_logits(model, torch.cat([hidden[rows_i, b.answer_cols].flatten(0, 1),
+                                                     hidden[n_rw, b.kl_col][None]]))
             logp = torch.log_softmax(logits[:-1].float(), dim=-1).view(n_rw, len(target), -1)  # [n_rw, n_target, vocab]
             tok_logp = logp.gather(-1, tgt[None, :, None].expand(n_rw, -1, 1))[..., 0]       # [n_rw, n_target]
             nll = -tok_logp.mean()

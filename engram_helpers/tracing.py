@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .hooks import get_module, trace, trace_many
-from .models import arch, cache_kwargs, encode, first_token_id
+from .models import arch, cache_kwargs, encode, first_token_id, logits_at, output_logits
 from .query import Query, subject_span
 
 KINDS = ("layer", "mlp", "attn")
@@ -359,13 +359,6 @@ def _module_names(model: nn.Module, kind: str) -> list[str]:
     return arch(model).names(kind)
 
 
-def _last_logits(model: nn.Module, batch: dict, last: int) -> torch.Tensor:
-    """Logits at position ``last`` only: the base model's hidden states, then the output layer. [batch, vocab]"""
-    lm: Any = model  # a transformers PreTrainedModel: nn.Module does not declare these two
-    hidden = lm.base_model(**batch).last_hidden_state
-    return lm.get_output_embeddings()(hidden[:, last])
-
-
 @dataclass
 class _Prepared:
     input_ids: torch.Tensor      # [1, seq]
@@ -390,7 +383,7 @@ def _prepare(model, tok, query: Query, noise_std, n_samples, seed, replace_with:
     device = next(model.parameters()).device
     batch, last = encode(tok, query.prompt, device)
     span = subject_span(tok, query)
-    probs = torch.softmax(_last_logits(model, batch, int(last[0]))[0].float(), dim=-1)
+    probs = torch.softmax(logits_at(model, batch, [0], [int(last[0])])[0].float(), dim=-1)
     if query.target is None:
         target_id = int(probs.argmax())
         target = tok.decode([target_id]).strip()
@@ -441,7 +434,7 @@ def _corrupted_run(model, p: _Prepared):
     if cache.layers[0].keys is None:  # type: ignore[union-attr]
         raise RuntimeError("the model did not fill the KV cache it was given; causal tracing needs a transformers "
                            "decoder with DynamicCache support (transformers>=5.0)")
-    logits = model.get_output_embeddings()(hidden[:, p.last])
+    logits = output_logits(model, hidden[:, p.last])
     return torch.softmax(logits.float(), dim=-1)[:, p.target_id], cache
 
 
@@ -519,7 +512,7 @@ def _restored_probs(model, p: _Prepared, clean: dict[str, torch.Tensor], cache, 
         stack.enter_context(trace_many(model, hooked, retain_output=False, edit_output=edit))
         hidden = model.base_model(input_ids=p.input_ids[:, t:], use_cache=cache_in is not None,
                                   **cache_kwargs(model.base_model, cache_in)).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[n:, -1])
+    logits = output_logits(model, hidden[n:, -1])
     probs = torch.softmax(logits.float(), dim=-1)[:, p.target_id].reshape(len(order), n).mean(dim=1).cpu()
     out = torch.empty(len(restorations))
     out[torch.tensor(order)] = probs
