@@ -65,6 +65,23 @@ def test_mlp_out_weight_is_out_by_in_and_writes_through(kind):
     assert torch.equal(weight, w)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_logits_at_are_the_models_logits_where_read(kind):
+    model = _tiny(kind)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # a right-padded row
+    batch = {"input_ids": ids, "attention_mask": mask}
+    rows, cols = [0, 1, 1, 2], [6, 0, 4, 3]
+    with torch.no_grad():
+        full = model(**batch).logits
+        got = models.logits_at(model, batch, rows, cols)
+    assert got.shape == (4, model.config.vocab_size)
+    torch.testing.assert_close(got, full[rows, cols], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[1], full[1, 1])  # another position gives other logits
+
+
 def test_unknown_architecture_is_a_clear_error():
     from transformers import BertConfig, BertModel
 
