@@ -213,37 +213,46 @@ def evaluate_layers(model: nn.Module, tok, facts: Sequence[data.Fact], layers: S
             for l in layers}
 
 
-def tracing_predicts_editing(Y: np.ndarray, E: np.ndarray, n_boot: int = 1000,
+def tracing_predicts_editing(Y: np.ndarray, E: np.ndarray, n_boot: int = 1000, n_perm: int = 2000,
                              seed: int = 0) -> dict[str, float | list[float]]:
     """Hase et al. (2023)'s question: does the tracing effect predict an edit's success beyond the layer?
 
     ``Y``, ``E``: [facts, layers] an edit's success and the fact's tracing effect at each edited layer. Fits
     success on the layer alone (one indicator per layer) and on the layer plus the tracing effect; returns
-    ``r2_layer``, ``r2_both``, ``gain`` (their difference) and ``r`` (Pearson correlation of effect and
-    success), each with a ``*_ci`` seeded bootstrap 95% interval over facts (a resampled fact brings all its
-    layers).
+    ``r2_layer``, ``r2_both``, ``gain`` (their difference), ``slope`` (the tracing effect's coefficient in the
+    second fit: its sign says which way success moves with the effect at a given layer) and ``r`` (Pearson
+    correlation of effect and success, layers pooled), each with a ``*_ci`` seeded bootstrap 95% interval over
+    facts (a resampled fact brings all its layers). An in-sample gain in R² is never negative, so its interval
+    cannot show that the gain is more than chance: ``gain_p`` does, the share of ``n_perm`` seeded permutations
+    of the facts' tracing effects (each fact's row of ``E`` given to another fact) whose gain is at least the
+    observed one (counting the observed one).
     """
     Y, E = np.asarray(Y, dtype=float), np.asarray(E, dtype=float)
     if Y.shape != E.shape or Y.ndim != 2 or Y.shape[0] < 2:
         raise ValueError(f"Y and E must both be [facts, layers] with at least 2 facts; got {Y.shape} and {E.shape}.")
     n_f, n_l = Y.shape
 
-    def fit(Y: np.ndarray, E: np.ndarray) -> tuple[float, float, float]:
+    def fit(Y: np.ndarray, E: np.ndarray) -> tuple[float, float, float, float]:
         y, e = Y.ravel(), E.ravel()
         X_layer = np.tile(np.eye(n_l), (len(Y), 1))
 
-        def r2(X: np.ndarray) -> float:
+        def r2(X: np.ndarray) -> tuple[float, float]:
             coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-            return float(1 - np.sum((y - X @ coef) ** 2) / np.sum((y - y.mean()) ** 2))
+            return float(1 - np.sum((y - X @ coef) ** 2) / np.sum((y - y.mean()) ** 2)), float(coef[-1])
 
-        return r2(X_layer), r2(np.column_stack([X_layer, e])), float(np.corrcoef(e, y)[0, 1])
+        (r2_layer, _), (r2_both, slope) = r2(X_layer), r2(np.column_stack([X_layer, e]))
+        return r2_layer, r2_both, slope, float(np.corrcoef(e, y)[0, 1])
 
     point = fit(Y, E)
     rng = np.random.default_rng(seed)
     boot = np.array([fit(Y[idx], E[idx]) for idx in (rng.integers(0, n_f, n_f) for _ in range(n_boot))])
+    perm = np.array([fit(Y, E[rng.permutation(n_f)]) for _ in range(n_perm)])
+    gain, perm_gain = point[1] - point[0], perm[:, 1] - perm[:, 0]
 
     def ci(x: np.ndarray) -> list[float]:
         return [float(np.nanpercentile(x, 2.5)), float(np.nanpercentile(x, 97.5))]
 
     return {"r2_layer": point[0], "r2_layer_ci": ci(boot[:, 0]), "r2_both": point[1], "r2_both_ci": ci(boot[:, 1]),
-            "gain": point[1] - point[0], "gain_ci": ci(boot[:, 1] - boot[:, 0]), "r": point[2], "r_ci": ci(boot[:, 2])}
+            "gain": gain, "gain_ci": ci(boot[:, 1] - boot[:, 0]),
+            "gain_p": float((1 + np.sum(perm_gain >= gain - 1e-12)) / (1 + n_perm)),
+            "slope": point[2], "slope_ci": ci(boot[:, 2]), "r": point[3], "r_ci": ci(boot[:, 3])}

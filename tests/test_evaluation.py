@@ -81,11 +81,17 @@ def test_tracing_predicts_editing_finds_a_real_predictor_and_not_a_fake_one():
     layer_effect = np.linspace(0.2, 0.8, n_layers)
     E = rng.uniform(0, 1, size=(n_facts, n_layers))
     noise = 0.05 * rng.normal(size=(n_facts, n_layers))
-    real = evaluation.tracing_predicts_editing(layer_effect + 0.5 * E + noise, E, n_boot=200)
-    fake = evaluation.tracing_predicts_editing(layer_effect + noise, E, n_boot=200)
+    real = evaluation.tracing_predicts_editing(layer_effect + 0.5 * E + noise, E, n_boot=200, n_perm=200)
+    fake = evaluation.tracing_predicts_editing(layer_effect + noise, E, n_boot=200, n_perm=200)
+    against = evaluation.tracing_predicts_editing(layer_effect - 0.5 * E + noise, E, n_boot=200, n_perm=200)
     assert real["gain"] > 0.3 and real["gain_ci"][0] > 0.1 and real["r2_both"] > 0.9
-    assert fake["gain"] < 0.05 and fake["gain_ci"][0] >= -1e-12
+    assert real["gain_p"] == 1 / 201 and 0.4 < real["slope_ci"][0] < real["slope"] < real["slope_ci"][1] < 0.6
+    assert against["gain_p"] == 1 / 201 and -0.6 < against["slope_ci"][0] < against["slope_ci"][1] < -0.4
+    # a fake predictor: the in-sample gain is still positive (its interval cannot show chance), the
+    # permutation test does, and the slope's interval contains zero
+    assert 0 < fake["gain"] < 0.05 and fake["gain_ci"][0] >= -1e-12
+    assert fake["gain_p"] > 0.05 and fake["slope_ci"][0] < 0 < fake["slope_ci"][1]
     assert fake["r2_layer"] > 0.9 and real["r2_layer"] < fake["r2_layer"]
-    assert real == evaluation.tracing_predicts_editing(layer_effect + 0.5 * E + noise, E, n_boot=200)  # seeded
+    assert real == evaluation.tracing_predicts_editing(layer_effect + 0.5 * E + noise, E, n_boot=200, n_perm=200)
     with pytest.raises(ValueError, match="facts, layers"):
         evaluation.tracing_predicts_editing(np.zeros(5), np.zeros(5))
