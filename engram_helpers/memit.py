@@ -407,14 +407,15 @@ def general_ability(model: nn.Module, tok, texts: Sequence[str], gen_prompts: Se
 def sequential_vs_batch(model: nn.Module, tok, facts: Sequence, counts: Sequence[int], Cs: dict,
                         hparams: MemitHParams, rome_hparams: HParams, texts: Sequence[str],
                         gen_prompts: Sequence[str], gen_tokens: int = 30, targets: Targets | None = None,
-                        verbose: bool = False) -> list[dict]:
+                        verbose: bool = False, max_tokens: int = 48) -> list[dict]:
     """Edit the first n facts toward their ``target_new`` for each n in ``counts``, (a) one after another
     with ROME (the edits accumulate; scores taken when n edits are in) and (b) as one MEMIT batch (undone
     before the next n).
 
     Returns one row per (method, n), plus ``("unedited", 0)``: the per-fact lists of :func:`score_facts`
     over the first n facts (all facts for the unedited model), the per-text/per-prompt lists of
-    :func:`general_ability`, and ``seconds`` (editing time). Every edit is undone at the end.
+    :func:`general_ability` (accuracy on each text's first ``max_tokens`` tokens, ``gen_tokens`` generated per
+    prompt), and ``seconds`` (editing time). Every edit is undone at the end.
     """
     counts = sorted({int(n) for n in counts})
     if not counts or counts[0] < 1 or counts[-1] > len(facts):
@@ -427,7 +428,7 @@ def sequential_vs_batch(model: nn.Module, tok, facts: Sequence, counts: Sequence
 
     def row(method: str, n: int, seconds: float, scored: Sequence) -> dict:
         r: dict[str, Any] = {"method": method, "n": n, "seconds": seconds, **score_facts(model, tok, scored),
-             **general_ability(model, tok, texts, gen_prompts, gen_tokens)}
+             **general_ability(model, tok, texts, gen_prompts, gen_tokens, max_tokens=max_tokens)}
         if verbose:
             print(f"{method:9} n={n:3}: efficacy {sum(r['efficacy']) / len(r['efficacy']):.2f}, neighbourhood "
                   f"{sum(r['neighbourhood']) / len(r['neighbourhood']):.2f}, accuracy "
