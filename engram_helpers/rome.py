@@ -61,7 +61,8 @@ class HParams:
 
     ``layer``: the edited MLP. ``v_steps``/``v_lr``/``v_weight_decay``/``kl_factor``/``clamp_factor``: the
     optimization of the value (see :func:`compute_value`); ``nll_stop``: stop early once the new object's
-    mean negative log-likelihood is below this. ``n_prefixes``/``prefix_len``: the generated context
+    mean negative log-likelihood is below this (the authors' code compares the whole loss, NLL + KL + decay,
+    with 0.05, which can stop later). ``n_prefixes``/``prefix_len``: the generated context
     prefixes the key and the value are averaged over. ``cov_tokens``/``cov_source``: the text that estimates
     ``C`` (:mod:`engram_helpers.layer_stats`). ``status``: where the settings come from (``"paper"``,
     ``"tuned"``, ``"untuned"``, ``"depth rule"``).

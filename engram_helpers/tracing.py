@@ -316,6 +316,27 @@ def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tup
     return np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
 
 
+def share_of_averages(results: list[TraceResult], category: str, n_boot: int = 1000,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The paper's kind of share: the average indirect effect at ``category`` over the traces divided by their
+    average total effect (a ratio of averages; :func:`average_effects` with ``share=True`` averages each trace's
+    own ratio instead). Traces without the category are left out of both averages.
+
+    Returns ``(share, low, high)``, each [n_layers]: a seeded percentile bootstrap 95% interval over the traces,
+    each resampled trace bringing its indirect and its total effect together.
+    """
+    if category not in CATEGORIES:
+        raise ValueError(f"Unknown category {category!r}: use one of {list(CATEGORIES)}.")
+    rows = [(r.effects[token_categories(r.subject_span, len(r.tokens))[category]].mean(axis=0), r.total_effect)
+            for r in results if token_categories(r.subject_span, len(r.tokens))[category]]
+    if not rows:
+        raise ValueError(f"No trace has a token in the category {category!r}.")
+    ie, te = np.stack([e for e, _ in rows]), np.array([t for _, t in rows])
+    idx = np.random.default_rng(seed).integers(0, len(te), size=(n_boot, len(te)))
+    boot = ie[idx].mean(axis=1) / te[idx].mean(axis=1)[:, None]
+    return ie.mean(axis=0) / te.mean(), np.percentile(boot, 2.5, axis=0), np.percentile(boot, 97.5, axis=0)
+
+
 def average_effects(results: list[TraceResult], share: bool = False, n_boot: int = 1000,
                     seed: int = 0) -> AverageEffects:
     """Average the indirect effects of many traces (same kind, same number of layers) by token category.
