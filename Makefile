@@ -122,12 +122,14 @@ clean:
 
 # The larger consolidation sweep (sequential ROME vs one MEMIT batch, at 1, 10 and 30 facts: the dataset has 95 known
 # test facts with distinct subjects): about 30 min with one thread (benchmarks/README.md); writes
-# benchmarks/results/consolidation_sweep.json, which the consolidation notebook reads.
+# benchmarks/results/consolidation_sweep.json, which the consolidation notebook reads; then adds to it each of the
+# largest count's facts edited alone, the baseline for the accumulated edits (a few minutes).
 SWEEP_COUNTS ?= 1 10 30
 SWEEP_THREADS ?= 1
 .PHONY: consolidation-sweep
 consolidation-sweep: setup
 	PYTHONPATH=$(CURDIR) $(PY) benchmarks/consolidation_sweep.py --counts $(SWEEP_COUNTS) --threads $(SWEEP_THREADS)
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/consolidation_sweep.py --isolated --threads $(SWEEP_THREADS)
 
 # Linters: ruff over the library, tests, notebooks and scripts; mypy on the library (config in pyproject.toml).
 .PHONY: lint

@@ -9,6 +9,11 @@ the per-fact and per-text scores with bootstrap intervals to a JSON file. λ is 
 Each edit costs seconds to tens of seconds on a CPU (the value optimization): at 1, 10 and 30 facts with one
 thread on a shared 2-core machine the run took 28 minutes (``benchmarks/README.md``). Counts above the
 number of known test facts with distinct subjects (95 for the default model) are dropped.
+
+``--isolated`` adds, to the results already written at ``--out``, the baseline the accumulated edits are read
+against: each of the sweep's facts edited alone with the same ROME settings, scored and undone
+(:func:`engram_helpers.memit.isolated_edits`), and per method the paired difference (bootstrap over facts)
+between its scores after the largest count of edits and the isolated edits' scores, fact by fact.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engram_helpers import data, evaluation, layer_stats, memit, rome
@@ -46,7 +52,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/consolidation_sweep.json")
+    ap.add_argument("--isolated", action="store_true",
+                    help="add the isolated-edit baseline to the results at --out (the sweep is not rerun)")
     args = ap.parse_args()
+    if args.isolated:
+        add_isolated(Path(args.out), args.threads, args.seed)
+        return
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -85,6 +96,36 @@ def main() -> None:
         print(f"{s['method']:9} n={s['n']:3}: " + ", ".join(f"{m} {s[m][0]:.3f} [{s[m][1]:.3f}, {s[m][2]:.3f}]"
                                                           for m in METRICS))
     print(f"wrote {path} after {out['wall_seconds']:.0f} s")
+
+
+def add_isolated(path: Path, threads: int, seed: int) -> None:
+    """Each fact of the sweep at ``path`` edited alone, with the sweep's ROME settings; written into the file."""
+    out = json.loads(path.read_text(encoding="utf-8"))
+    torch.set_num_threads(threads)
+    model, tok = load_model()
+    by_id = {f.id: f for f in data.load_facts()}
+    facts = [by_id[i] for i in out["facts"]]
+    a = out["args"]
+    rome_hp = rome.with_settings(rome.hparams_for(model), layer=out["rome_layer"], n_prefixes=a["n_prefixes"],
+                                 cov_tokens=a["cov_tokens"])  # as the sweep's sequential ROME
+    C = layer_stats.second_moments(model, tok, [rome_hp.layer], n_tokens=a["cov_tokens"])[rome_hp.layer]
+    start = time.perf_counter()
+    iso = memit.isolated_edits(model, tok, facts, C, rome_hp)
+    seconds = time.perf_counter() - start
+    n = len(facts)
+    last = {r["method"]: r for r in out["rows"] if r["n"] == n}
+    scores = ("efficacy", "paraphrase", "neighbourhood")
+    out["isolated"] = {
+        "command": " ".join(["python", *sys.argv]), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "threads": threads, "seconds": seconds, "n": n, "per_fact": iso,
+        "summary": {m: _interval(iso[m], seed) for m in scores},
+        "paired_minus_isolated": {method: {m: _interval(np.subtract(last[method][m], iso[m]), seed) for m in scores}
+                                  for method in ("rome_seq", "memit")}}
+    path.write_text(json.dumps(out, indent=1), encoding="utf-8")
+    for m in scores:
+        print(f"isolated {m} {out['isolated']['summary'][m]}; after {n} edits minus isolated: " + ", ".join(
+            f"{method} {out['isolated']['paired_minus_isolated'][method][m]}" for method in ("rome_seq", "memit")))
+    print(f"wrote {path} after {seconds:.0f} s of edits")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from .rome import (
     weight_delta,
     with_settings,
 )
+from .rome import edit as rome_edit
 from .rome import hparams_for as rome_hparams_for
 
 
@@ -387,6 +388,19 @@ def score_facts(model: nn.Module, tok, facts: Sequence) -> dict[str, list[float]
     out: dict[str, list[float]] = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
     for f in facts:
         s = score_edit(model, tok, f)
+        for k in out:
+            out[k].append(s[k])
+    return out
+
+
+def isolated_edits(model: nn.Module, tok, facts: Sequence, C, rome_hparams: HParams) -> dict[str, list[float]]:
+    """Each fact edited alone with ROME (``rome_hparams``, key statistics ``C`` of its layer), scored as
+    :func:`score_facts` scores it and undone before the next: what each edit costs by itself, the baseline for
+    the scores of :func:`sequential_vs_batch`, where the edits accumulate. Lists of length len(facts)."""
+    out: dict[str, list[float]] = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
+    for q, f in zip(requests_for(facts), facts):
+        with rome_edit(model, tok, q, hparams=rome_hparams, C=C):
+            s = score_edit(model, tok, f)
         for k in out:
             out[k].append(s[k])
     return out

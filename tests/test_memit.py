@@ -260,3 +260,23 @@ def test_sequential_vs_batch_rejects_bad_counts(tiny, tok):
         memit.sequential_vs_batch(tiny, tok, REQS, [0, 2], {}, hp, hp.value, [], [])
     with pytest.raises(ValueError, match="counts must lie"):
         memit.sequential_vs_batch(tiny, tok, REQS, [5], {}, hp, hp.value, [], [])
+
+
+@pytest.mark.slow
+def test_isolated_edits_score_each_edit_alone_and_undo_it():
+    """Two known facts: each edit is scored alone (as one edit then score_edit would score it) and undone."""
+    from engram_helpers import data, evaluation, layer_stats
+
+    model, tok = load_model()
+    facts = [f for f in data.known_facts(model, tok) if f.relation == "capital_of"][:2]
+    hp = rome.with_settings(rome.hparams_for(model), n_prefixes=1, v_steps=5)
+    C = layer_stats.second_moment(model, tok, hp.layer, hp.cov_tokens, hp.cov_source)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    got = memit.isolated_edits(model, tok, facts, C, hp)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "every edit is undone"
+    assert weights.active_changes(model) == []
+    for i, f in enumerate(facts):
+        with rome.edit(model, tok, memit.requests_for([f])[0], hparams=hp, C=C):
+            alone = evaluation.score_edit(model, tok, f)
+        assert [got[k][i] for k in ("efficacy", "paraphrase", "neighbourhood")] == \
+            [alone[k] for k in ("efficacy", "paraphrase", "neighbourhood")]
