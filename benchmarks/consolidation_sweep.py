@@ -72,8 +72,7 @@ def main() -> None:
     base = memit.hparams_for(model)
     value = rome.with_settings(base.value, n_prefixes=args.n_prefixes, cov_tokens=args.cov_tokens)
     hp = memit.MemitHParams(base.layers, args.lam, value)
-    rome_hp = rome.with_settings(rome.hparams_for(model), layer=base.layers[-1], n_prefixes=args.n_prefixes,
-                                 cov_tokens=args.cov_tokens)  # ROME at the last critical layer, as MEMIT
+    rome_hp = sweep_rome_settings(model, base.layers[-1], args.n_prefixes, args.cov_tokens)
     Cs = layer_stats.second_moments(model, tok, sorted(set(hp.layers) | {rome_hp.layer}), n_tokens=args.cov_tokens)
 
     # C used the first articles of this seeded order; the last ones are held out (as in the notebook)
@@ -98,6 +97,11 @@ def main() -> None:
     print(f"wrote {path} after {out['wall_seconds']:.0f} s")
 
 
+def sweep_rome_settings(model, layer: int, n_prefixes: int, cov_tokens: int) -> rome.HParams:
+    """The sweep's sequential ROME: the model's settings at ``layer`` (MEMIT's last critical layer)."""
+    return rome.with_settings(rome.hparams_for(model), layer=layer, n_prefixes=n_prefixes, cov_tokens=cov_tokens)
+
+
 def add_isolated(path: Path, threads: int, seed: int) -> None:
     """Each fact of the sweep at ``path`` edited alone, with the sweep's ROME settings; written into the file."""
     out = json.loads(path.read_text(encoding="utf-8"))
@@ -106,8 +110,7 @@ def add_isolated(path: Path, threads: int, seed: int) -> None:
     by_id = {f.id: f for f in data.load_facts()}
     facts = [by_id[i] for i in out["facts"]]
     a = out["args"]
-    rome_hp = rome.with_settings(rome.hparams_for(model), layer=out["rome_layer"], n_prefixes=a["n_prefixes"],
-                                 cov_tokens=a["cov_tokens"])  # as the sweep's sequential ROME
+    rome_hp = sweep_rome_settings(model, out["rome_layer"], a["n_prefixes"], a["cov_tokens"])
     C = layer_stats.second_moments(model, tok, [rome_hp.layer], n_tokens=a["cov_tokens"])[rome_hp.layer]
     start = time.perf_counter()
     iso = memit.isolated_edits(model, tok, facts, C, rome_hp)

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import data, weights
 from .layer_stats import SecondMoment
-from .models import _answer_batch, answer_ids, generate, logits_at
+from .models import _answer_logits, answer_ids, generate
 from .rome import (
     HParams,
     _as_C,
@@ -51,13 +51,8 @@ def _score_and_next(model: nn.Module, tok, fact: data.Fact) -> tuple[dict[str, f
     prompts = [fact.prompt, *fact.paraphrases, *fact.neighbourhood]
     n = len(prompts)
     answers = [answer_ids(tok, fact.target_new)] * n + [answer_ids(tok, fact.target_true)] * n
-    device = next(model.parameters()).device
-    input_ids, mask, pos = _answer_batch(tok, prompts * 2, answers, device)
-    rows = [r for r, ps in enumerate(pos) for _ in ps]
-    with torch.no_grad():  # one row of logits per answer token, row by row
-        logits = logits_at(model, {"input_ids": input_ids, "attention_mask": mask}, rows,
-                           [c for ps in pos for c in ps]).float()
-    per_row = logits.split([len(a) for a in answers])
+    with torch.no_grad():
+        per_row = _answer_logits(model, tok, prompts * 2, answers)  # [len(answer), vocab] per prompt
     probs = np.array([float(torch.log_softmax(lg, -1)[torch.arange(len(a)), a].mean().exp())
                       for lg, a in zip(per_row, answers)])
     p_new, p_true = probs[:n], probs[n:]
@@ -65,7 +60,8 @@ def _score_and_next(model: nn.Module, tok, fact: data.Fact) -> tuple[dict[str, f
     first = 1 + n_para
     # after each neighbourhood prompt (its first answer position does not see the appended answer)
     nxt_logits = [per_row[r][0] for r in range(first, n)]
-    nxt = torch.softmax(torch.stack(nxt_logits), -1).cpu() if nxt_logits else logits.new_empty(0, logits.shape[-1])
+    vocab = per_row[0].shape[-1]
+    nxt = torch.softmax(torch.stack(nxt_logits), -1).cpu() if nxt_logits else torch.empty(0, vocab)
     parts = {"efficacy": slice(0, 1), "paraphrase": slice(1, first), "neighbourhood": slice(first, None)}
     out: dict[str, float] = {}
     for name, sl in parts.items():

@@ -400,9 +400,9 @@ def isolated_edits(model: nn.Module, tok, facts: Sequence, C, rome_hparams: HPar
     out: dict[str, list[float]] = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
     for q, f in zip(requests_for(facts), facts):
         with rome_edit(model, tok, q, hparams=rome_hparams, C=C):
-            s = score_edit(model, tok, f)
+            one = score_facts(model, tok, [f])
         for k in out:
-            out[k].append(s[k])
+            out[k] += one[k]
     return out
 
 

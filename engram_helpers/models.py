@@ -527,22 +527,27 @@ def _answer_batch(tok, prompts: list[str], answers: list[list[int]], device):
     return input_ids, mask, pred_pos
 
 
+def _answer_logits(model: nn.Module, tok, prompts: list[str], answers: list[list[int]]) -> list[torch.Tensor]:
+    """One batched pass over the prompts, each followed by its answer's token ids (:func:`_answer_batch`), with
+    logits only where the answer tokens are predicted: per pair a float32 [len(answer), vocab]."""
+    device = next(model.parameters()).device
+    input_ids, mask, pos = _answer_batch(tok, prompts, answers, device)
+    rows = [r for r, ps in enumerate(pos) for _ in ps]
+    logits = logits_at(model, {"input_ids": input_ids, "attention_mask": mask}, rows, [c for ps in pos for c in ps])
+    return list(logits.float().split([len(a) for a in answers]))
+
+
 @torch.no_grad()
 def answer_token_logprobs(model: nn.Module, tok, prompts: list[str], answers: list[str],
                           batch_size: int = 32) -> list[torch.Tensor]:
     """Log-probability of each token of each answer after its prompt (teacher-forced): one [n_tokens] per pair."""
     if len(prompts) != len(answers):
         raise ValueError(f"Got {len(prompts)} prompts but {len(answers)} answers: give one answer per prompt.")
-    device = next(model.parameters()).device
     out: list[torch.Tensor] = []
     for s in range(0, len(prompts), batch_size):
         ids_list = [answer_ids(tok, a) for a in answers[s:s + batch_size]]
-        input_ids, mask, pos = _answer_batch(tok, list(prompts[s:s + batch_size]), ids_list, device)
-        rows = [r for r, ps in enumerate(pos) for _ in ps]
-        logits = logits_at(model, {"input_ids": input_ids, "attention_mask": mask}, rows, [c for ps in pos for c in ps])
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # one row per answer token, in order
-        for a, part in zip(ids_list, logp.split([len(a) for a in ids_list])):
-            out.append(part[torch.arange(len(a)), a])
+        for a, logits in zip(ids_list, _answer_logits(model, tok, list(prompts[s:s + batch_size]), ids_list)):
+            out.append(torch.log_softmax(logits, dim=-1)[torch.arange(len(a)), a].cpu())
     return out
 
 

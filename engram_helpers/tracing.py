@@ -327,8 +327,8 @@ def share_of_averages(results: list[TraceResult], category: str, n_boot: int = 1
     """
     if category not in CATEGORIES:
         raise ValueError(f"Unknown category {category!r}: use one of {list(CATEGORIES)}.")
-    rows = [(r.effects[token_categories(r.subject_span, len(r.tokens))[category]].mean(axis=0), r.total_effect)
-            for r in results if token_categories(r.subject_span, len(r.tokens))[category]]
+    positions = [token_categories(r.subject_span, len(r.tokens))[category] for r in results]
+    rows = [(r.effects[pos].mean(axis=0), r.total_effect) for r, pos in zip(results, positions) if pos]
     if not rows:
         raise ValueError(f"No trace has a token in the category {category!r}.")
     ie, te = np.stack([e for e, _ in rows]), np.array([t for _, t in rows])
