@@ -14,6 +14,12 @@ number of known test facts with distinct subjects (95 for the default model) are
 against: each of the sweep's facts edited alone with the same ROME settings, scored and undone
 (:func:`engram_helpers.memit.isolated_edits`), and per method the paired difference (bootstrap over facts)
 between its scores after the largest count of edits and the isolated edits' scores, fact by fact.
+
+``--when-made`` adds, to the same file, each sequential edit's scores right after it was made
+(:func:`engram_helpers.memit.sequential_edits`): it runs the sequential ROME edits of the largest count again,
+with the sweep's settings and threads, and records whether the scores at the end equal the sweep's (the run is
+deterministic on one machine). An edit "lost" by the end is then one that took when it was made. Sweeps run
+after this option existed store these scores in their rows already.
 """
 
 from __future__ import annotations
@@ -54,9 +60,14 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/consolidation_sweep.json")
     ap.add_argument("--isolated", action="store_true",
                     help="add the isolated-edit baseline to the results at --out (the sweep is not rerun)")
+    ap.add_argument("--when-made", action="store_true",
+                    help="add each sequential edit's scores when it was made to the results at --out")
     args = ap.parse_args()
     if args.isolated:
         add_isolated(Path(args.out), args.threads, args.seed)
+        return
+    if args.when_made:
+        add_when_made(Path(args.out))
         return
 
     torch.manual_seed(args.seed)
@@ -102,9 +113,8 @@ def sweep_rome_settings(model, layer: int, n_prefixes: int, cov_tokens: int) -> 
     return rome.with_settings(rome.hparams_for(model), layer=layer, n_prefixes=n_prefixes, cov_tokens=cov_tokens)
 
 
-def add_isolated(path: Path, threads: int, seed: int) -> None:
-    """Each fact of the sweep at ``path`` edited alone, with the sweep's ROME settings; written into the file."""
-    out = json.loads(path.read_text(encoding="utf-8"))
+def _sweep_setup(out: dict, threads: int):
+    """The model, the sweep's facts, its sequential ROME settings and their C, from a sweep's results."""
     torch.set_num_threads(threads)
     model, tok = load_model()
     by_id = {f.id: f for f in data.load_facts()}
@@ -112,6 +122,37 @@ def add_isolated(path: Path, threads: int, seed: int) -> None:
     a = out["args"]
     rome_hp = sweep_rome_settings(model, out["rome_layer"], a["n_prefixes"], a["cov_tokens"])
     C = layer_stats.second_moments(model, tok, [rome_hp.layer], n_tokens=a["cov_tokens"])[rome_hp.layer]
+    return model, tok, facts, rome_hp, C
+
+
+def add_when_made(path: Path) -> None:
+    """The sequential edits of the sweep at ``path`` made again, each scored when made; written into the file."""
+    out = json.loads(path.read_text(encoding="utf-8"))
+    model, tok, facts, rome_hp, C = _sweep_setup(out, out["threads"])
+    n = len(facts)
+    start = time.perf_counter()
+    [last] = memit.sequential_edits(model, tok, facts, [n], C, rome_hp,
+                                    lambda k, seconds: dict(memit.score_facts(model, tok, facts[:k])))
+    seconds = time.perf_counter() - start
+    sweep_last = next(r for r in out["rows"] if r["method"] == "rome_seq" and r["n"] == n)
+    scores = ("efficacy", "paraphrase", "neighbourhood")
+    same = all(np.allclose(last[m], sweep_last[m]) for m in scores)
+    out["when_made"] = {"command": " ".join(["python", *sys.argv]),
+                        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "threads": out["threads"],
+                        "seconds": seconds, "n": n, "per_fact": last["when_made"], "end": {m: last[m] for m in scores},
+                        "end_equals_sweep": bool(same)}
+    path.write_text(json.dumps(out, indent=1), encoding="utf-8")
+    made = last["when_made"]["efficacy"]
+    lost = [i for i in range(n) if made[i] == 1 and last["efficacy"][i] == 0]
+    print(f"{int(sum(made))} of {n} edits took when made; lost by the end: {lost}; never took: "
+          f"{[i for i in range(n) if made[i] == 0]}; end scores equal the sweep's: {same}")
+    print(f"wrote {path} after {seconds:.0f} s of edits")
+
+
+def add_isolated(path: Path, threads: int, seed: int) -> None:
+    """Each fact of the sweep at ``path`` edited alone, with the sweep's ROME settings; written into the file."""
+    out = json.loads(path.read_text(encoding="utf-8"))
+    model, tok, facts, rome_hp, C = _sweep_setup(out, threads)
     start = time.perf_counter()
     iso = memit.isolated_edits(model, tok, facts, C, rome_hp)
     seconds = time.perf_counter() - start

@@ -32,7 +32,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -429,7 +429,8 @@ def sequential_vs_batch(model: nn.Module, tok, facts: Sequence, counts: Sequence
     Returns one row per (method, n), plus ``("unedited", 0)``: the per-fact lists of :func:`score_facts`
     over the first n facts (all facts for the unedited model), the per-text/per-prompt lists of
     :func:`general_ability` (accuracy on each text's first ``max_tokens`` tokens, ``gen_tokens`` generated per
-    prompt), and ``seconds`` (editing time). Every edit is undone at the end.
+    prompt), and ``seconds`` (editing time); the sequential rows also ``when_made``, each fact's scores right
+    after its own edit (:func:`sequential_edits`). Every edit is undone at the end.
     """
     counts = sorted({int(n) for n in counts})
     if not counts or counts[0] < 1 or counts[-1] > len(facts):
@@ -459,15 +460,33 @@ def sequential_vs_batch(model: nn.Module, tok, facts: Sequence, counts: Sequence
         t = time.perf_counter()
         with apply_memit(model, tok, requests[:n], Cs, hparams, targets=targets.select(range(n))):
             rows.append(row("memit", n, t_targets * n / len(facts) + time.perf_counter() - t, facts[:n]))
+    return rows + sequential_edits(model, tok, facts, counts, Cs[rome_hparams.layer], rome_hparams,
+                                   lambda n, seconds: row("rome_seq", n, seconds, facts[:n]))
+
+
+def sequential_edits(model: nn.Module, tok, facts: Sequence, counts: Sequence[int], C, rome_hparams: HParams,
+                     at_count: Callable[[int, float], dict]) -> list[dict]:
+    """Edit ``facts`` toward their ``target_new`` one after another with ROME (``rome_hparams``, key statistics
+    ``C`` of its layer): each edit is computed on the model that holds the edits before it.
+
+    Right after its own edit each fact is scored alone (:func:`score_facts`), which shows whether the edit took
+    when it was made. When n edits are in, for each n in ``counts``, ``at_count(n, seconds of editing so far)``
+    returns a row, to which ``when_made`` (those scores of the first n facts, lists of length n) is added.
+    Returns the rows in the order of ``counts``; every edit is undone at the end."""
+    counts = sorted({int(n) for n in counts})
+    requests = requests_for(facts[:counts[-1]])
     changes: list[weights.WeightChange] = []
-    spent = 0.0
+    when_made: dict[str, list[float]] = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
+    rows, spent = [], 0.0
     try:
-        for i, q in enumerate(requests):
+        for i, (q, f) in enumerate(zip(requests, facts)):
             t = time.perf_counter()
-            changes.append(apply_rome(model, tok, q, hparams=rome_hparams, C=Cs[rome_hparams.layer]))
+            changes.append(apply_rome(model, tok, q, hparams=rome_hparams, C=C))
             spent += time.perf_counter() - t
+            for k, v in score_facts(model, tok, [f]).items():
+                when_made[k] += v
             if i + 1 in counts:
-                rows.append(row("rome_seq", i + 1, spent, facts[:i + 1]))
+                rows.append(at_count(i + 1, spent) | {"when_made": {k: v[:] for k, v in when_made.items()}})
     finally:
         for c in reversed(changes):
             c.undo()

@@ -280,3 +280,28 @@ def test_isolated_edits_score_each_edit_alone_and_undo_it():
             alone = evaluation.score_edit(model, tok, f)
         assert [got[k][i] for k in ("efficacy", "paraphrase", "neighbourhood")] == \
             [alone[k] for k in ("efficacy", "paraphrase", "neighbourhood")]
+
+
+@pytest.mark.slow
+def test_sequential_edits_score_each_edit_when_made_and_undo_all():
+    """Two known facts edited one after another: the first is scored as one edit alone would be, the second with
+    both edits in; rows come at the counts asked for, with the when-made scores of the facts edited so far."""
+    from engram_helpers import data, evaluation, layer_stats
+
+    model, tok = load_model()
+    facts = [f for f in data.known_facts(model, tok) if f.relation == "capital_of"][:2]
+    hp = rome.with_settings(rome.hparams_for(model), n_prefixes=1, v_steps=5)
+    C = layer_stats.second_moment(model, tok, hp.layer, hp.cov_tokens, hp.cov_source)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    rows = memit.sequential_edits(model, tok, facts, [2, 1], C, hp, lambda n, s: {"n": n, "seconds": s})
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "every edit is undone"
+    assert [r["n"] for r in rows] == [1, 2] and rows[0]["seconds"] <= rows[1]["seconds"]
+    assert len(rows[0]["when_made"]["efficacy"]) == 1 and len(rows[1]["when_made"]["efficacy"]) == 2
+    keys = ("efficacy", "paraphrase", "neighbourhood")
+    first, second = memit.requests_for(facts)
+    with rome.edit(model, tok, first, hparams=hp, C=C):
+        alone = evaluation.score_edit(model, tok, facts[0])
+        with rome.edit(model, tok, second, hparams=hp, C=C):
+            both = evaluation.score_edit(model, tok, facts[1])
+    assert [rows[1]["when_made"][k][0] for k in keys] == [alone[k] for k in keys]
+    assert [rows[1]["when_made"][k][1] for k in keys] == [both[k] for k in keys]
