@@ -473,10 +473,16 @@ class Dissociation:
         lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975], dtype=boots.dtype)).tolist()
         return point, lo, hi
 
-    def specificity(self, random: bool = False) -> torch.Tensor:
-        """Per fact i: drop of fact i under its own set minus the mean drop of the other facts (pairs only). [n]"""
+    def specificity(self, random: bool = False, against: str = "facts") -> torch.Tensor:
+        """Per fact i, the drop of fact i under its own set minus a mean over its pairs (float [n]):
+        ``against="facts"``, the mean drop of the *other facts* under i's set (does the set spare them?);
+        ``against="sets"``, the mean drop of fact i under the *other facts' sets* (is it i's own set that hurts i,
+        or would any set chosen the same way do? a control matched in size, rule and, on average, damage)."""
+        if against not in ("facts", "sets"):
+            raise ValueError(f"against must be 'facts' or 'sets', got {against!r}.")
         d = self.drop_random if random else self.drop
-        other = (d * self.pairs).sum(1) / self.pairs.sum(1).clamp(min=1)
+        dim = 1 if against == "facts" else 0
+        other = (d * self.pairs).sum(dim) / self.pairs.sum(dim).clamp(min=1)
         return d.diagonal() - other
 
 

@@ -263,6 +263,11 @@ def test_double_dissociation_logic():
     assert d.share_double(margin=0.0, n_boot=50)[0] == pytest.approx(2 / 6)
     assert not d.double(margin=0.8)[0, 1], "fact 1's own drop (1.0) does not beat fact 0's (0.3) by 0.8"
     assert torch.allclose(d.specificity(), torch.tensor([2 - 0.3, 1 - 0.2, 0.0], dtype=torch.double))
+    # against the other facts' sets (columns): fact 0 loses (0.3 + 1.0) / 2 under sets 1 and 2, fact 2 only 0.1
+    assert torch.allclose(d.specificity(against="sets"), torch.tensor([2 - 0.65, 1 - 0.75, 1 - 0.1],
+                                                                      dtype=torch.double))
+    with pytest.raises(ValueError, match="'facts' or 'sets'"):
+        d.specificity(against="columns")
 
 
 # --- the real default model -------------------------------------------------------------------------------
