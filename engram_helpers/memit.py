@@ -474,6 +474,8 @@ def sequential_edits(model: nn.Module, tok, facts: Sequence, counts: Sequence[in
     returns a row, to which ``when_made`` (those scores of the first n facts, lists of length n) is added.
     Returns the rows in the order of ``counts``; every edit is undone at the end."""
     counts = sorted({int(n) for n in counts})
+    if not counts or counts[0] < 1 or counts[-1] > len(facts):
+        raise ValueError(f"counts must lie in 1..{len(facts)} (the number of facts), got {counts}.")
     requests = requests_for(facts[:counts[-1]])
     changes: list[weights.WeightChange] = []
     when_made: dict[str, list[float]] = {"efficacy": [], "paraphrase": [], "neighbourhood": []}

@@ -260,6 +260,8 @@ def test_sequential_vs_batch_rejects_bad_counts(tiny, tok):
         memit.sequential_vs_batch(tiny, tok, REQS, [0, 2], {}, hp, hp.value, [], [])
     with pytest.raises(ValueError, match="counts must lie"):
         memit.sequential_vs_batch(tiny, tok, REQS, [5], {}, hp, hp.value, [], [])
+    with pytest.raises(ValueError, match="counts must lie"):
+        memit.sequential_edits(tiny, tok, REQS, [], None, hp.value, lambda n, s: {})
 
 
 @pytest.mark.slow
