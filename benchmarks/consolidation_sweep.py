@@ -135,7 +135,7 @@ def add_when_made(path: Path) -> None:
         "edit_seconds": seconds, **memit.score_facts(model, tok, facts[:k])})
     wall = time.perf_counter() - start  # the edits, each fact's scoring when made, and the scoring at the end
     sweep_last = next(r for r in out["rows"] if r["method"] == "rome_seq" and r["n"] == n)
-    scores = ("efficacy", "paraphrase", "neighbourhood")
+    scores = evaluation.WIN_RATES
     same = all(np.allclose(last[m], sweep_last[m]) for m in scores)
     out["when_made"] = {"command": " ".join(["python", *sys.argv]),
                         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "threads": out["threads"],
@@ -159,7 +159,7 @@ def add_isolated(path: Path, threads: int, seed: int) -> None:
     seconds = time.perf_counter() - start
     n = len(facts)
     last = {r["method"]: r for r in out["rows"] if r["n"] == n}
-    scores = ("efficacy", "paraphrase", "neighbourhood")
+    scores = evaluation.WIN_RATES
     out["isolated"] = {
         "command": " ".join(["python", *sys.argv]), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "threads": threads, "seconds": seconds, "n": n, "per_fact": iso,

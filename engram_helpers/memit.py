@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from . import weights
-from .evaluation import score_edit
+from .evaluation import WIN_RATES, score_edit
 from .forgetting import next_token_accuracy
 from .hooks import trace
 from .layer_stats import SecondMoment
@@ -385,25 +385,23 @@ def score_facts(model: nn.Module, tok, facts: Sequence) -> dict[str, list[float]
     probabilities): ``efficacy`` (1 if the new object beats the true one on the prompt), ``paraphrase``
     (share of paraphrases where it does), ``neighbourhood`` (share of neighbourhood prompts that still
     prefer the true object). Lists of length len(facts); average them with ``evaluation.bootstrap``."""
-    out: dict[str, list[float]] = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
-    for f in facts:
-        s = score_edit(model, tok, f)
-        for k in out:
-            out[k].append(s[k])
-    return out
+    return _per_rate([score_edit(model, tok, f) for f in facts])
+
+
+def _per_rate(scores: Sequence[dict[str, float]]) -> dict[str, list[float]]:
+    """Per-fact :func:`score_edit` dicts -> for each of the win rates, its list over the facts."""
+    return {k: [s[k] for s in scores] for k in WIN_RATES}
 
 
 def isolated_edits(model: nn.Module, tok, facts: Sequence, C, rome_hparams: HParams) -> dict[str, list[float]]:
     """Each fact edited alone with ROME (``rome_hparams``, key statistics ``C`` of its layer), scored as
     :func:`score_facts` scores it and undone before the next: what each edit costs by itself, the baseline for
     the scores of :func:`sequential_vs_batch`, where the edits accumulate. Lists of length len(facts)."""
-    out: dict[str, list[float]] = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
+    scores = []
     for q, f in zip(requests_for(facts), facts):
         with rome_edit(model, tok, q, hparams=rome_hparams, C=C):
-            one = score_facts(model, tok, [f])
-        for k in out:
-            out[k] += one[k]
-    return out
+            scores.append(score_edit(model, tok, f))
+    return _per_rate(scores)
 
 
 def general_ability(model: nn.Module, tok, texts: Sequence[str], gen_prompts: Sequence[str],
@@ -478,17 +476,16 @@ def sequential_edits(model: nn.Module, tok, facts: Sequence, counts: Sequence[in
         raise ValueError(f"counts must lie in 1..{len(facts)} (the number of facts), got {counts}.")
     requests = requests_for(facts[:counts[-1]])
     changes: list[weights.WeightChange] = []
-    when_made: dict[str, list[float]] = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
+    made: list[dict[str, float]] = []  # score_edit of each fact right after its own edit
     rows, spent = [], 0.0
     try:
         for i, (q, f) in enumerate(zip(requests, facts)):
             t = time.perf_counter()
             changes.append(apply_rome(model, tok, q, hparams=rome_hparams, C=C))
             spent += time.perf_counter() - t
-            for k, v in score_facts(model, tok, [f]).items():
-                when_made[k] += v
+            made.append(score_edit(model, tok, f))
             if i + 1 in counts:
-                rows.append(at_count(i + 1, spent) | {"when_made": {k: v[:] for k, v in when_made.items()}})
+                rows.append(at_count(i + 1, spent) | {"when_made": _per_rate(made)})
     finally:
         for c in reversed(changes):
             c.undo()
