@@ -209,6 +209,17 @@ def evaluate_layers(model: nn.Module, tok, facts: Sequence[data.Fact], layers: S
             for l in layers}
 
 
+def sweep_matrices(sweep: dict, outcome: str = "paraphrase_mag") -> tuple[np.ndarray, np.ndarray]:
+    """From a layer sweep's record (``rome.layer_sweep``, written by ``scripts/rome_sweep.py``): each fact's
+    ``outcome`` (a score of :data:`METRICS`) after an edit at each swept layer, and its tracing effect there,
+    both [facts, layers] in the order of ``sweep["layers"]``: the ``Y`` and ``E`` of
+    :func:`tracing_predicts_editing`."""
+    if outcome not in METRICS:
+        raise ValueError(f"Unknown outcome {outcome!r}: use one of {list(METRICS)}.")
+    Y = np.array([sweep["per_layer"][str(layer)][outcome] for layer in sweep["layers"]], dtype=float).T
+    return Y, np.array(sweep["tracing_effect"], dtype=float)
+
+
 def tracing_predicts_editing(Y: np.ndarray, E: np.ndarray, n_boot: int = 1000, n_perm: int = 2000,
                              seed: int = 0) -> dict[str, float | list[float]]:
     """Hase et al. (2023)'s question: does the tracing effect predict an edit's success beyond the layer?

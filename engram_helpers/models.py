@@ -587,7 +587,7 @@ def model_id(model: nn.Module) -> str:
     """A short name of a loaded model for file names and settings: a local folder's name
     (``"smollm2-135m-offline"``) or the Hub name with ``/`` as ``--`` (``"openai-community--gpt2-xl"``)."""
     path = str(getattr(model.config, "_name_or_path", "") or "model")
-    if Path(path).is_dir() or Path(path).name == DEFAULT_MODEL:  # a converted offline model: its folder's name
+    if Path(path).is_dir() or Path(path).name in OFFLINE_MODELS:  # a converted offline model: its folder's name
         return Path(path).name
     return path.strip("/").replace("/", "--")
 

@@ -39,6 +39,7 @@ from . import weights
 from .hooks import replay, trace, trace_many
 from .layer_stats import SecondMoment, second_moment
 from .models import (
+    DEFAULT_MODEL,
     answer_ids,
     arch,
     cache_file,
@@ -95,10 +96,10 @@ def _short(name: str) -> str:
 def hparams_for(model: nn.Module) -> HParams:
     """The settings for ``model``, matched by model name **and** architecture against ``hparams/*.json``.
 
-    ``"gpt2-xl"`` and ``"openai-community/gpt2-xl"`` (GPT-2) get the paper's settings; the offline SmolLM2
-    its tuned ones (the layer from the committed sweep on the development facts, :func:`layer_sweep`);
-    Gemma-3-270M an untuned guess. Any other model gets the tuned model's settings with the layer at the same
-    relative depth (``status="depth rule"``).
+    ``"gpt2-xl"`` and ``"openai-community/gpt2-xl"`` (GPT-2) get the paper's settings; the offline SmolLM2 and
+    Gemma-3-270M their tuned ones (the layer from each model's committed sweep on the development facts,
+    :func:`layer_sweep`). Any other model gets the tuned model's settings with the layer at the same
+    relative depth as in the default model's (``status="depth rule"``).
     """
     name, model_type = model_id(model), getattr(model.config, "model_type", None)
     for spec in _hparam_files():
@@ -106,7 +107,7 @@ def hparams_for(model: nn.Module) -> HParams:
         if model_type in spec["model_types"] and (_short(name) in names or name in spec["names"]):
             return HParams(**spec["hparams"], status=spec["status"])
     n_layers = arch(model).n_layers
-    base = next(s for s in _hparam_files() if s["status"] == "tuned")
+    base = next(s for s in _hparam_files() if DEFAULT_MODEL in s["names"])  # the default model's tuned settings
     rule = {**base["hparams"], "layer": max(1, round(n_layers * base["hparams"]["layer"] / base["n_layers"]))}
     return HParams(**rule, status="depth rule")
 

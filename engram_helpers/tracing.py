@@ -332,25 +332,40 @@ def cross_fit_layer(values: np.ndarray, layers: Sequence[int] | None = None, see
     return chosen
 
 
-def share_of_averages(results: list[TraceResult], category: str, n_boot: int = 1000,
-                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The paper's kind of share: the average indirect effect at ``category`` over the traces divided by their
-    average total effect (a ratio of averages; :func:`average_effects` with ``share=True`` averages each trace's
-    own ratio instead). Traces without the category are left out of both averages.
-
-    Returns ``(share, low, high)``, each [n_layers]: a seeded percentile bootstrap 95% interval over the traces,
-    each resampled trace bringing its indirect and its total effect together.
-    """
+def category_values(results: list[TraceResult], category: str,
+                    share: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per trace that has a token in ``category``: its indirect effects averaged over the category's positions,
+    [facts, n_layers] (each divided by the trace's total effect first if ``share``), and its total effect,
+    [facts]. Traces without such a token are left out of both (so both may have 0 rows)."""
     if category not in CATEGORIES:
         raise ValueError(f"Unknown category {category!r}: use one of {list(CATEGORIES)}.")
-    positions = [token_categories(r.subject_span, len(r.tokens))[category] for r in results]
-    rows = [(r.effects[pos].mean(axis=0), r.total_effect) for r, pos in zip(results, positions) if pos]
-    if not rows:
-        raise ValueError(f"No trace has a token in the category {category!r}.")
-    ie, te = np.stack([e for e, _ in rows]), np.array([t for _, t in rows])
-    idx = np.random.default_rng(seed).integers(0, len(te), size=(n_boot, len(te)))
-    boot = ie[idx].mean(axis=1) / te[idx].mean(axis=1)[:, None]
-    return ie.mean(axis=0) / te.mean(), np.percentile(boot, 2.5, axis=0), np.percentile(boot, 97.5, axis=0)
+    if not results:
+        raise ValueError("category_values needs at least one TraceResult.")
+    rows, totals = [], []
+    for r in results:
+        positions = token_categories(r.subject_span, len(r.tokens))[category]
+        if positions:
+            rows.append((r.shares if share else r.effects)[positions].mean(axis=0))
+            totals.append(r.total_effect)
+    return np.array(rows).reshape(len(rows), results[0].n_layers), np.array(totals, dtype=float)
+
+
+def ratio_of_averages(effects: np.ndarray, totals: np.ndarray, n_boot: int = 1000,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The paper's kind of share: the average indirect effect divided by the average total effect (a ratio of
+    averages; ``category_values(..., share=True)`` gives each trace's own ratio instead). effects: [facts, ...],
+    totals: [facts].
+
+    Returns ``(share, low, high)``, each [...]: a seeded percentile bootstrap 95% interval over the facts, each
+    resampled fact bringing its indirect and its total effect together.
+    """
+    effects, totals = np.asarray(effects, dtype=float), np.asarray(totals, dtype=float)
+    if len(effects) == 0 or len(effects) != len(totals):
+        raise ValueError(f"ratio_of_averages needs one total per row of effects and at least one row, got "
+                         f"{effects.shape} and {totals.shape}.")
+    idx = np.random.default_rng(seed).integers(0, len(totals), size=(n_boot, len(totals)))
+    boot = effects[idx].mean(axis=1) / totals[idx].mean(axis=1).reshape((n_boot,) + (1,) * (effects.ndim - 1))
+    return effects.mean(axis=0) / totals.mean(), np.percentile(boot, 2.5, axis=0), np.percentile(boot, 97.5, axis=0)
 
 
 def average_effects(results: list[TraceResult], share: bool = False, n_boot: int = 1000,
@@ -367,20 +382,12 @@ def average_effects(results: list[TraceResult], share: bool = False, n_boot: int
     layers = {r.n_layers for r in results}
     if len(kinds) > 1 or len(layers) > 1:
         raise ValueError(f"Average traces of one kind and one model only (got kinds {kinds}, layers {layers}).")
-    per_cat: list[list[np.ndarray]] = [[] for _ in CATEGORIES]
-    for r in results:
-        per_token = r.shares if share else r.effects
-        cats = token_categories(r.subject_span, len(r.tokens))
-        for i, name in enumerate(CATEGORIES):
-            if cats[name]:
-                per_cat[i].append(per_token[cats[name]].mean(axis=0))
-    n_layers = layers.pop()
-    mean = np.full((len(CATEGORIES), n_layers), np.nan)
+    per_cat = [category_values(results, name, share)[0] for name in CATEGORIES]  # each [facts, n_layers]
+    mean = np.full((len(CATEGORIES), layers.pop()), np.nan)
     low, high = mean.copy(), mean.copy()
     counts = np.array([len(v) for v in per_cat])
-    for i, values in enumerate(per_cat):
-        if values:
-            v = np.stack(values)
+    for i, v in enumerate(per_cat):
+        if len(v):
             mean[i] = v.mean(axis=0)
             low[i], high[i] = bootstrap_mean(v, n_boot, seed)
     return AverageEffects(mean, low, high, counts, kinds.pop(), results[0].window, share, len(results))

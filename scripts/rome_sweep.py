@@ -1,14 +1,16 @@
 """The ROME layer sweep that chooses the default layer, and the Hase et al. (2023) analysis.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/rome_sweep.py --threads 1 \
-        [--step 2] [--facts 10] [--split dev] [--out engram_helpers/hparams/sweeps/smollm2-135m-offline.json]
+        [--model smollm2-135m-offline] [--step 2] [--facts 10] [--split dev] \
+        [--out engram_helpers/hparams/sweeps/MODEL.json]
 
 Every ``--step``-th layer, ``--facts`` known facts of the DEVELOPMENT split (``--split``; the layer is chosen
 here, so never on the test facts the notebook reports), each edited at each layer (``--prefixes`` context
 prefixes) and scored with the CounterFact magnitudes; the chosen layer is the one with the largest mean of
 efficacy + paraphrase + neighbourhood magnitude (``best_layer`` in the JSON); the MLP causal trace of
-each fact (window 10, 5 noise samples); then, per (fact, layer), the R² of the paraphrase magnitude on
-the layer alone (one indicator per layer) and on the layer plus the fact's tracing effect at that layer,
+each fact (window ``--window`` layers, default 10; 5 noise samples); then, per (fact, layer), the R² of the
+paraphrase magnitude on the layer alone (one indicator per layer) and on the layer plus the fact's tracing
+effect at that layer,
 and the correlation of tracing effect and success, with bootstrap 95% intervals over facts (1,000
 resamples, seed 0). Prints a table and writes every number to ``--out`` (JSON).
 """
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from engram_helpers import data, evaluation, layer_stats, rome, tracing
-from engram_helpers.models import load_model, model_id
+from engram_helpers.models import DEFAULT_MODEL, load_model, model_id
 
 
 def coarse_to_fine(layers: list[int]) -> list[int]:
@@ -41,7 +43,7 @@ def summarize(args, model, hp, facts, planned: list[int], per_layer: dict, effec
     best = max(layers, key=lambda l: score[l])
     result = {"model": model_id(model), "split": args.split, "layers": layers, "layers_planned": planned,
               "complete": layers == sorted(planned), "fact_ids": [f.id for f in facts],
-              "settings": {"n_prefixes": args.prefixes, "trace_samples": args.samples, "trace_window": 10,
+              "settings": {"n_prefixes": args.prefixes, "trace_samples": args.samples, "trace_window": args.window,
                            "threads": threads, "cov_tokens": hp.cov_tokens, "cov_source": hp.cov_source,
                            "v_steps": hp.v_steps, "nll_stop": hp.nll_stop},
               "selection": "largest mean over facts of efficacy_mag + paraphrase_mag + neighbourhood_mag",
@@ -51,34 +53,37 @@ def summarize(args, model, hp, facts, planned: list[int], per_layer: dict, effec
               "seconds": seconds}
     if len(layers) >= 2:
         for outcome in ("paraphrase_mag", "efficacy_mag"):
-            Y = np.array([[per_layer[l][outcome][i] for l in layers] for i in range(len(facts))])
-            result[f"hase_{outcome}"] = evaluation.tracing_predicts_editing(Y, effects)
+            result[f"hase_{outcome}"] = evaluation.tracing_predicts_editing(*evaluation.sweep_matrices(result, outcome))
     return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="an offline model (e.g. gemma-3-270m-offline) or a Hub name")
     ap.add_argument("--step", type=int, default=2)
     ap.add_argument("--facts", type=int, default=10)
     ap.add_argument("--prefixes", type=int, default=2)
     ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--window", type=int, default=10, help="the MLP trace's window of layers")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--split", default="dev", choices=["dev", "test"])
     ap.add_argument("--minutes", type=float, default=float("inf"),
                     help="start no new layer after this many minutes, once 4 are done (the JSON records which ran)")
-    ap.add_argument("--out", default="engram_helpers/hparams/sweeps/smollm2-135m-offline.json")
+    ap.add_argument("--out", help="the JSON record (default engram_helpers/hparams/sweeps/<model id>.json)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the layers already in --out (same facts and settings) and run only the missing ones")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = load_model()
+    model, tok = load_model(args.model)
+    args.out = args.out or f"engram_helpers/hparams/sweeps/{model_id(model)}.json"
     hp = rome.with_settings(rome.hparams_for(model), n_prefixes=args.prefixes)
     planned = list(range(0, model.config.num_hidden_layers, args.step))
     t0 = time.perf_counter()
     Cs = layer_stats.second_moments(model, tok, planned, hp.cov_tokens, hp.cov_source)
     facts = data.known_facts(model, tok, data.facts_in_split(args.split))[: args.facts]
     print(f"{len(facts)} {args.split} facts x {len(planned)} layers")
-    traces = [tracing.trace_fact(model, tok, f.query(), kind="mlp", n_samples=args.samples, window=10) for f in facts]
+    traces = [tracing.trace_fact(model, tok, f.query(), kind="mlp", n_samples=args.samples, window=args.window)
+              for f in facts]
     effects_all = np.array([tr.effects[tr.subject_span[1] - 1] for tr in traces])  # [facts, all layers]
     print(f"traces done at {time.perf_counter() - t0:.0f} s", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -95,3 +97,22 @@ def test_tracing_predicts_editing_finds_a_real_predictor_and_not_a_fake_one():
     assert real == evaluation.tracing_predicts_editing(layer_effect + 0.5 * E + noise, E, n_boot=200, n_perm=200)
     with pytest.raises(ValueError, match="facts, layers"):
         evaluation.tracing_predicts_editing(np.zeros(5), np.zeros(5))
+
+
+def test_sweep_matrices_reproduce_the_committed_hase_analysis():
+    # The committed layer sweeps recorded Hase et al.'s analysis when they ran; read back from their per-layer
+    # scores, the same fit gives the same numbers (the layers in the record's order, facts as rows).
+    from importlib import resources
+
+    folder = resources.files("engram_helpers").joinpath("hparams", "sweeps")
+    sweeps = [json.loads(f.read_text(encoding="utf-8")) for f in folder.iterdir() if f.name.endswith(".json")]
+    assert len(sweeps) >= 2, "both offline models have a committed sweep"
+    for sweep in sweeps:
+        Y, E = evaluation.sweep_matrices(sweep, "paraphrase_mag")
+        assert Y.shape == E.shape == (len(sweep["fact_ids"]), len(sweep["layers"]))
+        np.testing.assert_array_equal(Y[:, 1], sweep["per_layer"][str(sweep["layers"][1])]["paraphrase_mag"])
+        h, recorded = evaluation.tracing_predicts_editing(Y, E), sweep["hase_paraphrase_mag"]
+        for key in ("r2_layer", "r2_both", "gain", "r"):
+            assert abs(h[key] - recorded[key]) < 1e-9, (sweep["model"], key)
+    with pytest.raises(ValueError, match="Unknown outcome"):
+        evaluation.sweep_matrices(sweeps[0], "fluency")

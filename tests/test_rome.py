@@ -74,14 +74,14 @@ def test_hparams_match_model_name_and_architecture():
         assert (hp.layer, hp.status, hp.n_prefixes) == (17, "paper", 20), name
     smol_model = _Named("/root/.cache/engram-course/models/smollm2-135m-offline", "llama", 30)
     smol = rome.hparams_for(smol_model)
-    sweep = rome.layer_sweep(smol_model)
-    assert sweep is not None, "the tuned model's layer comes from a committed sweep (scripts/rome_sweep.py)"
-    assert (smol.layer, smol.status) == (sweep["best_layer"], "tuned"), "hparams follow the committed sweep"
-    assert sweep["split"] == "dev" and set(sweep["fact_ids"]) <= {f.id for f in data.facts_in_split("dev")}
-    scores = {int(l): v for l, v in sweep["score"].items()}
-    assert max(scores, key=scores.__getitem__) == sweep["best_layer"]
-    gemma = rome.hparams_for(_Named("/somewhere/gemma-3-270m-offline", "gemma3_text", 18))
-    assert gemma.status == "untuned" and 0 < gemma.layer < 18
+    for named in (smol_model, _Named("/somewhere/gemma-3-270m-offline", "gemma3_text", 18)):
+        hp, sweep = rome.hparams_for(named), rome.layer_sweep(named)
+        assert sweep is not None, "a tuned model's layer comes from a committed sweep (scripts/rome_sweep.py)"
+        assert (hp.layer, hp.status) == (sweep["best_layer"], "tuned"), "hparams follow the committed sweep"
+        assert sweep["split"] == "dev" and set(sweep["fact_ids"]) <= {f.id for f in data.facts_in_split("dev")}
+        assert sweep["complete"] and len(sweep["layers"]) >= 4
+        scores = {int(l): v for l, v in sweep["score"].items()}
+        assert max(scores, key=scores.__getitem__) == sweep["best_layer"]
     # the same name on another architecture does not get the paper's settings: the depth rule applies
     other = rome.hparams_for(_Named("gpt2-xl", "llama", 48))
     assert other.status == "depth rule" and other.layer == max(1, round(48 * smol.layer / 30))

@@ -259,25 +259,39 @@ def test_shares_divide_by_each_facts_total_effect():
         _ = _fixed(np.zeros((4, 3)), (1, 2), clean=0.1, corrupted=0.2).shares
 
 
-def test_share_of_averages_is_a_ratio_of_averages_not_an_average_of_ratios():
+def test_ratio_of_averages_is_not_an_average_of_ratios():
     # A restores 0.4 of 0.8 (half), B restores 0.09 of 0.1 (nine tenths), at every token and layer.
     a = _fixed(np.full((4, 3), 0.4), (1, 2), clean=0.9, corrupted=0.1)
     b = _fixed(np.full((4, 3), 0.09), (1, 2), clean=0.3, corrupted=0.2)
-    share, low, high = tracing.share_of_averages([a, b], "last subject token")
+    effects, totals = tracing.category_values([a, b], "last subject token")
+    assert effects.shape == (2, 3)
+    np.testing.assert_allclose(totals, [0.8, 0.1])
+    share, low, high = tracing.ratio_of_averages(effects, totals)
     np.testing.assert_allclose(share, (0.4 + 0.09) / (0.8 + 0.1))           # 0.544..., not (0.5 + 0.9) / 2
+    shares, _ = tracing.category_values([a, b], "last subject token", share=True)
+    np.testing.assert_allclose(shares, [[0.5] * 3, [0.9] * 3])
     np.testing.assert_allclose(tracing.average_effects([a, b], share=True).curve("last subject token"), 0.7)
     assert share.shape == (3,) and np.all(low <= share + 1e-12) and np.all(share <= high + 1e-12)
     # the bootstrap resamples facts whole: its extremes are the two facts' own shares
     np.testing.assert_allclose(low, 0.5, atol=1e-9)
     np.testing.assert_allclose(high, 0.9, atol=1e-9)
+    # one value per fact (each read at its own layer) gives a single share
+    one, one_low, one_high = tracing.ratio_of_averages(effects[[0, 1], [2, 0]], totals)
+    assert one.shape == () and one_low <= one <= one_high
     # a category some traces lack is averaged over the others only
     c = _fixed(np.full((4, 3), 0.2), (1, 3), clean=0.9, corrupted=0.1)      # has a middle token? no: span of 2
     d = _fixed(np.full((5, 3), 0.3), (1, 4), clean=0.7, corrupted=0.1)      # middle token 2
-    np.testing.assert_allclose(tracing.share_of_averages([c, d], "middle subject tokens")[0], 0.3 / 0.6)
+    middle, middle_totals = tracing.category_values([c, d], "middle subject tokens")
+    assert middle.shape == (1, 3)
+    np.testing.assert_allclose(tracing.ratio_of_averages(middle, middle_totals)[0], 0.3 / 0.6)
     with pytest.raises(ValueError, match="category"):
-        tracing.share_of_averages([a], "middle")
-    with pytest.raises(ValueError, match="No trace"):
-        tracing.share_of_averages([a, b], "middle subject tokens")
+        tracing.category_values([a], "middle")
+    empty, empty_totals = tracing.category_values([a, b], "middle subject tokens")
+    assert empty.shape == (0, 3)
+    with pytest.raises(ValueError, match="at least one row"):
+        tracing.ratio_of_averages(empty, empty_totals)
+    with pytest.raises(ValueError, match="one total per row"):
+        tracing.ratio_of_averages(effects, totals[:1])
 
 
 def test_bootstrap_interval_is_seeded_and_covers_the_mean():
