@@ -112,10 +112,12 @@ def hparams_for(model: nn.Module) -> HParams:
     return HParams(**rule, status="depth rule")
 
 
-def layer_sweep(model: nn.Module) -> dict | None:
+def layer_sweep(model: nn.Module, variant: str = "") -> dict | None:
     """The committed result of ``scripts/rome_sweep.py`` for ``model`` (``hparams/sweeps/<model id>.json``:
-    layers, development-split fact ids, per-layer scores, tracing effects, ``best_layer``), or None."""
-    path = resources.files("engram_helpers").joinpath("hparams", "sweeps", f"{model_id(model)}.json")
+    layers, development-split fact ids, per-layer scores, tracing effects, ``best_layer``), or None.
+    ``variant="spread"``: the check rerun with ``--spread`` (facts spread over relations), where committed."""
+    name = f"{model_id(model)}-{variant}.json" if variant else f"{model_id(model)}.json"
+    path = resources.files("engram_helpers").joinpath("hparams", "sweeps", name)
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 

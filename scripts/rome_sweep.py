@@ -1,11 +1,12 @@
 """The ROME layer sweep that chooses the default layer, and the Hase et al. (2023) analysis.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/rome_sweep.py --threads 1 \
-        [--model smollm2-135m-offline] [--step 2] [--facts 10] [--split dev] \
+        [--model smollm2-135m-offline] [--step 2] [--facts 10] [--split dev] [--spread] \
         [--out engram_helpers/hparams/sweeps/MODEL.json]
 
 Every ``--step``-th layer, ``--facts`` known facts of the DEVELOPMENT split (``--split``; the layer is chosen
-here, so never on the test facts the notebook reports), each edited at each layer (``--prefixes`` context
+here, so never on the test facts the notebook reports; the first known ones, or with ``--spread`` spread over
+the relations), each edited at each layer (``--prefixes`` context
 prefixes) and scored with the CounterFact magnitudes; the chosen layer is the one with the largest mean of
 efficacy + paraphrase + neighbourhood magnitude (``best_layer`` in the JSON); the MLP causal trace of
 each fact (window ``--window`` layers, default 10; 5 noise samples); then, per (fact, layer), the R² of the
@@ -43,7 +44,8 @@ def summarize(args, model, hp, facts, planned: list[int], per_layer: dict, effec
     best = max(layers, key=lambda l: score[l])
     result = {"model": model_id(model), "split": args.split, "layers": layers, "layers_planned": planned,
               "complete": layers == sorted(planned), "fact_ids": [f.id for f in facts],
-              "settings": {"n_prefixes": args.prefixes, "trace_samples": args.samples, "trace_window": args.window,
+              "settings": {"facts": "spread over relations" if args.spread else "first known",
+                           "n_prefixes": args.prefixes, "trace_samples": args.samples, "trace_window": args.window,
                            "threads": threads, "cov_tokens": hp.cov_tokens, "cov_source": hp.cov_source,
                            "v_steps": hp.v_steps, "nll_stop": hp.nll_stop},
               "selection": "largest mean over facts of efficacy_mag + paraphrase_mag + neighbourhood_mag",
@@ -67,6 +69,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=10, help="the MLP trace's window of layers")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--split", default="dev", choices=["dev", "test"])
+    ap.add_argument("--spread", action="store_true",
+                    help="take the facts spread over the relations (data.spread_over_relations, seed 0), not the first")
     ap.add_argument("--minutes", type=float, default=float("inf"),
                     help="start no new layer after this many minutes, once 4 are done (the JSON records which ran)")
     ap.add_argument("--out", help="the JSON record (default engram_helpers/hparams/sweeps/<model id>.json)")
@@ -80,7 +84,8 @@ def main() -> None:
     planned = list(range(0, model.config.num_hidden_layers, args.step))
     t0 = time.perf_counter()
     Cs = layer_stats.second_moments(model, tok, planned, hp.cov_tokens, hp.cov_source)
-    facts = data.known_facts(model, tok, data.facts_in_split(args.split))[: args.facts]
+    known = data.known_facts(model, tok, data.facts_in_split(args.split))
+    facts = data.spread_over_relations(known, args.facts, seed=0) if args.spread else known[: args.facts]
     print(f"{len(facts)} {args.split} facts x {len(planned)} layers")
     traces = [tracing.trace_fact(model, tok, f.query(), kind="mlp", n_samples=args.samples, window=args.window)
               for f in facts]

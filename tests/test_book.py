@@ -89,6 +89,18 @@ def test_execution_and_offline_settings():
     assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
 
 
+def test_notebooks_are_committed_without_outputs():
+    """Outputs saved in a notebook go stale when its code changes (a reader on GitHub or Colab would see numbers
+    of an older version); the book shows the executed ones from the execution cache instead."""
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        stale = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
+                 and (c.get("outputs") or c.get("execution_count") is not None)]
+        assert not stale and "widgets" not in nb["metadata"], (
+            f"{path.name}: code cells {stale} (or the widget state) carry outputs; clear them before committing "
+            f"(jupyter nbconvert --clear-output --inplace {path.relative_to(ROOT)})")
+
+
 def test_notebooks_hide_their_colab_cell():
     for entry in toc_files():
         src = source_of(entry)
