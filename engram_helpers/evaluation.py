@@ -220,6 +220,23 @@ def sweep_matrices(sweep: dict, outcome: str = "paraphrase_mag") -> tuple[np.nda
     return Y, np.array(sweep["tracing_effect"], dtype=float)
 
 
+def sweep_totals(sweep: dict) -> tuple[dict[int, Estimate], list[int]]:
+    """How a layer sweep's record (``rome.layer_sweep``) chose: per swept layer, each fact's three magnitudes
+    summed and averaged over the facts with a bootstrap 95% interval (the sweep keeps the layer with the largest
+    mean), and the layers whose mean lies within the best layer's interval (as good as the best, at this many
+    facts)."""
+    per_layer = sweep["per_layer"]
+    totals = {l: bootstrap(np.sum([per_layer[str(l)][m] for m in MAGNITUDES], axis=0)) for l in sweep["layers"]}
+    best = max(totals, key=lambda l: totals[l].mean)
+    return totals, [l for l in totals if totals[l].mean >= totals[best].lo]
+
+
+def sweep_facts(sweep: dict) -> list[data.Fact]:
+    """The facts a layer sweep's record edited, in its order (e.g. to count their relations)."""
+    by_id = {f.id: f for f in data.facts_in_split(sweep["split"])}
+    return [by_id[i] for i in sweep["fact_ids"]]
+
+
 def tracing_predicts_editing(Y: np.ndarray, E: np.ndarray, n_boot: int = 1000, n_perm: int = 2000,
                              seed: int = 0) -> dict[str, float | list[float]]:
     """Hase et al. (2023)'s question: does the tracing effect predict an edit's success beyond the layer?

@@ -6,14 +6,13 @@
 
 Every ``--step``-th layer, ``--facts`` known facts of the DEVELOPMENT split (``--split``; the layer is chosen
 here, so never on the test facts the notebook reports; the first known ones, or with ``--spread`` spread over
-the relations), each edited at each layer (``--prefixes`` context
-prefixes) and scored with the CounterFact magnitudes; the chosen layer is the one with the largest mean of
-efficacy + paraphrase + neighbourhood magnitude (``best_layer`` in the JSON); the MLP causal trace of
-each fact (window ``--window`` layers, default 10; 5 noise samples); then, per (fact, layer), the R² of the
-paraphrase magnitude on the layer alone (one indicator per layer) and on the layer plus the fact's tracing
-effect at that layer,
-and the correlation of tracing effect and success, with bootstrap 95% intervals over facts (1,000
-resamples, seed 0). Prints a table and writes every number to ``--out`` (JSON).
+the relations), each edited at each layer (``--prefixes`` context prefixes) and scored with the CounterFact
+magnitudes; the chosen layer is the one with the largest mean of efficacy + paraphrase + neighbourhood
+magnitude (``best_layer`` in the JSON); the MLP causal trace of each fact (window ``--window`` layers,
+default 10; 5 noise samples); then, per (fact, layer), the R² of the paraphrase magnitude on the layer alone
+(one indicator per layer) and on the layer plus the fact's tracing effect at that layer, and the correlation
+of tracing effect and success, with bootstrap 95% intervals over facts (1,000 resamples, seed 0). Prints a
+table and writes every number to ``--out`` (JSON).
 """
 
 from __future__ import annotations

@@ -114,5 +114,13 @@ def test_sweep_matrices_reproduce_the_committed_hase_analysis():
         h, recorded = evaluation.tracing_predicts_editing(Y, E), sweep["hase_paraphrase_mag"]
         for key in ("r2_layer", "r2_both", "gain", "r"):
             assert abs(h[key] - recorded[key]) < 1e-9, (sweep["model"], key)
+        # the recorded choice, read back: the same means per layer, the same best layer, which is among the close
+        totals, close = evaluation.sweep_totals(sweep)
+        assert sorted(totals) == sorted(sweep["layers"])
+        for layer, est in totals.items():
+            assert abs(est.mean - sweep["score"][str(layer)]) < 1e-9 and est.lo <= est.mean <= est.hi
+        assert max(totals, key=lambda l: totals[l].mean) == sweep["best_layer"] and sweep["best_layer"] in close
+        assert all(totals[l].mean >= totals[sweep["best_layer"]].lo for l in close)
+        assert [f.id for f in evaluation.sweep_facts(sweep)] == sweep["fact_ids"]
     with pytest.raises(ValueError, match="Unknown outcome"):
         evaluation.sweep_matrices(sweeps[0], "fluency")
