@@ -220,15 +220,29 @@ def sweep_matrices(sweep: dict, outcome: str = "paraphrase_mag") -> tuple[np.nda
     return Y, np.array(sweep["tracing_effect"], dtype=float)
 
 
+def fact_totals(sweep: dict) -> dict[int, np.ndarray]:
+    """Per swept layer of a layer sweep's record (``rome.layer_sweep``): each fact's three magnitudes summed,
+    [facts] in the record's order (what the sweep ranks layers by)."""
+    return {l: np.sum([sweep["per_layer"][str(l)][m] for m in MAGNITUDES], axis=0) for l in sweep["layers"]}
+
+
 def sweep_totals(sweep: dict) -> tuple[dict[int, Estimate], list[int]]:
-    """How a layer sweep's record (``rome.layer_sweep``) chose: per swept layer, each fact's three magnitudes
-    summed and averaged over the facts with a bootstrap 95% interval (the sweep keeps the layer with the largest
-    mean), and the layers whose mean lies within the best layer's interval (as good as the best, at this many
-    facts)."""
-    per_layer = sweep["per_layer"]
-    totals = {l: bootstrap(np.sum([per_layer[str(l)][m] for m in MAGNITUDES], axis=0)) for l in sweep["layers"]}
+    """How a layer sweep's record chose: per swept layer, ``fact_totals`` averaged over the facts with a
+    bootstrap 95% interval (the sweep keeps the layer with the largest mean), and the layers whose mean lies
+    within the best layer's interval (as good as the best, at this many facts)."""
+    totals = {l: bootstrap(v) for l, v in fact_totals(sweep).items()}
     best = max(totals, key=lambda l: totals[l].mean)
     return totals, [l for l in totals if totals[l].mean >= totals[best].lo]
+
+
+def sweep_differences(sweep: dict, reference: int) -> dict[int, Estimate]:
+    """Per swept layer, each fact's ``fact_totals`` minus the same fact's at layer ``reference``, averaged with
+    a bootstrap 95% interval over facts: a paired comparison, which tells layers apart better than comparing
+    their separate intervals (a layer beats ``reference`` where the interval lies above zero)."""
+    per_fact = fact_totals(sweep)
+    if reference not in per_fact:
+        raise ValueError(f"layer {reference} was not swept: choose one of {sweep['layers']}.")
+    return {l: bootstrap(v - per_fact[reference]) for l, v in per_fact.items()}
 
 
 def sweep_facts(sweep: dict) -> list[data.Fact]:

@@ -93,19 +93,27 @@ def _short(name: str) -> str:
     return name.replace("--", "/").rstrip("/").split("/")[-1].lower()
 
 
-def hparams_for(model: nn.Module) -> HParams:
-    """The settings for ``model``, matched by model name **and** architecture against ``hparams/*.json``.
-
-    ``"gpt2-xl"`` and ``"openai-community/gpt2-xl"`` (GPT-2) get the paper's settings; the offline SmolLM2 and
-    Gemma-3-270M their tuned ones (the layer from each model's committed sweep on the development facts,
-    :func:`layer_sweep`). Any other model gets the tuned model's settings with the layer at the same
-    relative depth as in the default model's (``status="depth rule"``).
-    """
+def _spec_for(model: nn.Module) -> dict | None:
+    """The ``hparams/*.json`` entry that names ``model`` on its architecture, or None."""
     name, model_type = model_id(model), getattr(model.config, "model_type", None)
     for spec in _hparam_files():
         names = {_short(n) for n in spec["names"]}
         if model_type in spec["model_types"] and (_short(name) in names or name in spec["names"]):
-            return HParams(**spec["hparams"], status=spec["status"])
+            return spec
+    return None
+
+
+def hparams_for(model: nn.Module) -> HParams:
+    """The settings for ``model``, matched by model name **and** architecture against ``hparams/*.json``.
+
+    ``"gpt2-xl"`` and ``"openai-community/gpt2-xl"`` (GPT-2) get the paper's settings; the offline SmolLM2 and
+    Gemma-3-270M their tuned ones (the layer from a committed sweep on the development facts,
+    :func:`choosing_sweep`). Any other model gets the tuned model's settings with the layer at the same
+    relative depth as in the default model's (``status="depth rule"``).
+    """
+    spec = _spec_for(model)
+    if spec is not None:
+        return HParams(**spec["hparams"], status=spec["status"])
     n_layers = arch(model).n_layers
     base = next(s for s in _hparam_files() if DEFAULT_MODEL in s["names"])  # the default model's tuned settings
     rule = {**base["hparams"], "layer": max(1, round(n_layers * base["hparams"]["layer"] / base["n_layers"]))}
@@ -115,10 +123,20 @@ def hparams_for(model: nn.Module) -> HParams:
 def layer_sweep(model: nn.Module, variant: str = "") -> dict | None:
     """The committed result of ``scripts/rome_sweep.py`` for ``model`` (``hparams/sweeps/<model id>.json``:
     layers, development-split fact ids, per-layer scores, tracing effects, ``best_layer``), or None.
-    ``variant="spread"``: the check rerun with ``--spread`` (facts spread over relations), where committed."""
+    ``variant``: a check committed beside it, where there is one: ``"spread"`` (rerun with ``--spread``, facts
+    spread over relations), ``"fresh"`` (the early layers again, on development facts new to both)."""
     name = f"{model_id(model)}-{variant}.json" if variant else f"{model_id(model)}.json"
     path = resources.files("engram_helpers").joinpath("hparams", "sweeps", name)
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def choosing_sweep(model: nn.Module) -> dict | None:
+    """The committed sweep whose best layer is ``model``'s tuned layer (its settings file names the variant:
+    ``"layer_chosen_by"``), or None for a model without one (GPT-2 XL's layer is the paper's)."""
+    spec = _spec_for(model)
+    if spec is None or spec["status"] != "tuned":
+        return None
+    return layer_sweep(model, variant=spec.get("layer_chosen_by", ""))
 
 
 def with_settings(hp: HParams, **changes) -> HParams:

@@ -1,18 +1,19 @@
 """The ROME layer sweep that chooses the default layer, and the Hase et al. (2023) analysis.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/rome_sweep.py --threads 1 \
-        [--model smollm2-135m-offline] [--step 2] [--facts 10] [--split dev] [--spread] \
-        [--out engram_helpers/hparams/sweeps/MODEL.json]
+        [--model smollm2-135m-offline] [--step 2 | --layers 0,2,4] [--facts 10] [--split dev] [--spread] \
+        [--exclude SWEEP.json ...] [--out engram_helpers/hparams/sweeps/MODEL.json]
 
-Every ``--step``-th layer, ``--facts`` known facts of the DEVELOPMENT split (``--split``; the layer is chosen
-here, so never on the test facts the notebook reports; the first known ones, or with ``--spread`` spread over
-the relations), each edited at each layer (``--prefixes`` context prefixes) and scored with the CounterFact
-magnitudes; the chosen layer is the one with the largest mean of efficacy + paraphrase + neighbourhood
-magnitude (``best_layer`` in the JSON); the MLP causal trace of each fact (window ``--window`` layers,
-default 10; 5 noise samples); then, per (fact, layer), the R² of the paraphrase magnitude on the layer alone
-(one indicator per layer) and on the layer plus the fact's tracing effect at that layer, and the correlation
-of tracing effect and success, with bootstrap 95% intervals over facts (1,000 resamples, seed 0). Prints a
-table and writes every number to ``--out`` (JSON).
+Every ``--step``-th layer (or only the ``--layers`` named), ``--facts`` known facts of the DEVELOPMENT split
+(``--split``; the layer is chosen here, so never on the test facts the notebook reports; the first known ones,
+or with ``--spread`` spread over the relations; ``--exclude`` leaves out the facts of earlier sweeps, for a
+check on fresh facts), each edited at each layer (``--prefixes`` context prefixes) and scored with the
+CounterFact magnitudes; the chosen layer is the one with the largest mean of efficacy + paraphrase +
+neighbourhood magnitude (``best_layer`` in the JSON); the MLP causal trace of each fact (window ``--window``
+layers, default 10; 5 noise samples); then, per (fact, layer), the R² of the paraphrase magnitude on the layer
+alone (one indicator per layer) and on the layer plus the fact's tracing effect at that layer, and the
+correlation of tracing effect and success, with bootstrap 95% intervals over facts (1,000 resamples, seed 0).
+Prints a table and writes every number to ``--out`` (JSON).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def summarize(args, model, hp, facts, planned: list[int], per_layer: dict, effec
               "complete": layers == sorted(planned), "fact_ids": [f.id for f in facts],
               "settings": {"facts": "spread over relations" if args.spread else "first known",
                            "n_prefixes": args.prefixes, "trace_samples": args.samples, "trace_window": args.window,
-                           "threads": threads, "cov_tokens": hp.cov_tokens, "cov_source": hp.cov_source,
+                           "excluded_sweeps": args.exclude, "threads": threads, "cov_tokens": hp.cov_tokens,
+                           "cov_source": hp.cov_source,
                            "v_steps": hp.v_steps, "nll_stop": hp.nll_stop},
               "selection": "largest mean over facts of efficacy_mag + paraphrase_mag + neighbourhood_mag",
               "score": {str(l): score[l] for l in layers}, "best_layer": best,
@@ -62,6 +64,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL, help="an offline model (e.g. gemma-3-270m-offline) or a Hub name")
     ap.add_argument("--step", type=int, default=2)
+    ap.add_argument("--layers", help="only these layers, comma-separated (e.g. 0,2,4,6): replaces --step")
+    ap.add_argument("--exclude", nargs="*", default=[],
+                    help="sweep records (JSON) whose facts to leave out, so that a check runs on fresh facts")
     ap.add_argument("--facts", type=int, default=10)
     ap.add_argument("--prefixes", type=int, default=2)
     ap.add_argument("--samples", type=int, default=5)
@@ -80,10 +85,14 @@ def main() -> None:
     model, tok = load_model(args.model)
     args.out = args.out or f"engram_helpers/hparams/sweeps/{model_id(model)}.json"
     hp = rome.with_settings(rome.hparams_for(model), n_prefixes=args.prefixes)
-    planned = list(range(0, model.config.num_hidden_layers, args.step))
+    n_layers = model.config.num_hidden_layers
+    planned = ([int(l) for l in args.layers.split(",")] if args.layers else list(range(0, n_layers, args.step)))
+    if not planned or any(not 0 <= l < n_layers for l in planned) or len(set(planned)) < len(planned):
+        raise SystemExit(f"--layers must name distinct layers between 0 and {n_layers - 1}, got {args.layers!r}")
     t0 = time.perf_counter()
     Cs = layer_stats.second_moments(model, tok, planned, hp.cov_tokens, hp.cov_source)
-    known = data.known_facts(model, tok, data.facts_in_split(args.split))
+    excluded = {i for path in args.exclude for i in json.loads(Path(path).read_text(encoding="utf-8"))["fact_ids"]}
+    known = [f for f in data.known_facts(model, tok, data.facts_in_split(args.split)) if f.id not in excluded]
     facts = data.spread_over_relations(known, args.facts, seed=0) if args.spread else known[: args.facts]
     print(f"{len(facts)} {args.split} facts x {len(planned)} layers")
     traces = [tracing.trace_fact(model, tok, f.query(), kind="mlp", n_samples=args.samples, window=args.window)
@@ -96,7 +105,8 @@ def main() -> None:
     if args.resume and Path(args.out).exists():
         old = json.loads(Path(args.out).read_text(encoding="utf-8"))
         same = (old["fact_ids"] == [f.id for f in facts] and old["split"] == args.split
-                and old["settings"]["n_prefixes"] == args.prefixes and old["settings"]["trace_samples"] == args.samples
+                and old["layers_planned"] == planned and old["settings"]["n_prefixes"] == args.prefixes
+                and old["settings"]["trace_samples"] == args.samples
                 and old["settings"]["v_steps"] == hp.v_steps and old["settings"]["nll_stop"] == hp.nll_stop)
         if not same:
             raise SystemExit(f"--resume: {args.out} was made with other facts or settings; run without --resume")

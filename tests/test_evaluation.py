@@ -122,5 +122,13 @@ def test_sweep_matrices_reproduce_the_committed_hase_analysis():
         assert max(totals, key=lambda l: totals[l].mean) == sweep["best_layer"] and sweep["best_layer"] in close
         assert all(totals[l].mean >= totals[sweep["best_layer"]].lo for l in close)
         assert [f.id for f in evaluation.sweep_facts(sweep)] == sweep["fact_ids"]
+        # paired differences: zero against itself, and each mean difference is the difference of the means
+        diffs = evaluation.sweep_differences(sweep, sweep["best_layer"])
+        assert diffs[sweep["best_layer"]].mean == diffs[sweep["best_layer"]].lo == diffs[sweep["best_layer"]].hi == 0
+        for layer, est in diffs.items():
+            assert abs(est.mean - (totals[layer].mean - totals[sweep["best_layer"]].mean)) < 1e-9
+            assert est.mean <= 1e-12 and est.lo <= est.mean <= est.hi
+    with pytest.raises(ValueError, match="was not swept"):
+        evaluation.sweep_differences(sweeps[0], 1)
     with pytest.raises(ValueError, match="Unknown outcome"):
         evaluation.sweep_matrices(sweeps[0], "fluency")

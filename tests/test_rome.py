@@ -75,14 +75,19 @@ def test_hparams_match_model_name_and_architecture():
     smol_model = _Named("/root/.cache/engram-course/models/smollm2-135m-offline", "llama", 30)
     smol = rome.hparams_for(smol_model)
     for named in (smol_model, _Named("/somewhere/gemma-3-270m-offline", "gemma3_text", 18)):
-        hp, sweep = rome.hparams_for(named), rome.layer_sweep(named)
+        hp, sweep = rome.hparams_for(named), rome.choosing_sweep(named)
         assert sweep is not None, "a tuned model's layer comes from a committed sweep (scripts/rome_sweep.py)"
         assert (hp.layer, hp.status) == (sweep["best_layer"], "tuned"), "hparams follow the committed sweep"
+        assert rome.layer_sweep(named) is not None, "every tuned model also has its sweep over the whole depth"
         assert sweep["split"] == "dev" and set(sweep["fact_ids"]) <= {f.id for f in data.facts_in_split("dev")}
         assert sweep["complete"] and len(sweep["layers"]) >= 4
         scores = {int(l): v for l, v in sweep["score"].items()}
         assert max(scores, key=scores.__getitem__) == sweep["best_layer"]
     # the same name on another architecture does not get the paper's settings: the depth rule applies
+    fresh = rome.layer_sweep(smol_model, variant="fresh")  # the check that chose SmolLM2's layer: new facts only
+    used = set(rome.layer_sweep(smol_model)["fact_ids"]) | set(rome.layer_sweep(smol_model, "spread")["fact_ids"])
+    assert fresh is not None and not used & set(fresh["fact_ids"]) and len(fresh["settings"]["excluded_sweeps"]) == 2
+    assert rome.choosing_sweep(_Named("gpt2-xl", "gpt2", 48)) is None, "the paper's layer, not a sweep's"
     other = rome.hparams_for(_Named("gpt2-xl", "llama", 48))
     assert other.status == "depth rule" and other.layer == max(1, round(48 * smol.layer / 30))
     assert rome.hparams_for(_Named("gpt2-medium", "gpt2", 24)).status == "depth rule"
