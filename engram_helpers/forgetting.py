@@ -551,7 +551,9 @@ def erasure_report(model: nn.Module, tok, fact: Fact, target: str) -> dict:
 
     ``old_top1``: the true object is top-1 after the prompt; ``old_rank``: its rank (0 = top);
     ``paraphrases_old``: paraphrases where it is still top-1; ``target_top1``: the erasure target is top-1;
-    ``neighbours_kept``: neighbourhood prompts whose top-1 is still the true object. Counts are ints.
+    ``neighbours_true``: neighbourhood prompts whose top-1 is the true object, and ``neighbours_top1``: which
+    ones (one bool per prompt, in order: compare a report before an edit with one after it prompt by prompt,
+    since equal counts can hide one prompt lost and another gained). Counts are ints.
     """
     prompts = [fact.prompt, *fact.paraphrases]
     ranks = answer_rank(model, tok, prompts, fact.target_true)
@@ -562,6 +564,7 @@ def erasure_report(model: nn.Module, tok, fact: Fact, target: str) -> dict:
         "paraphrases_old": int((ranks[1:] == 0).sum()),
         "n_paraphrases": len(fact.paraphrases),
         "target_top1": int(answer_rank(model, tok, [fact.prompt], target)[0] == 0),
-        "neighbours_kept": int((neigh == 0).sum()),
+        "neighbours_true": int((neigh == 0).sum()),
+        "neighbours_top1": [bool(r == 0) for r in neigh.tolist()],
         "n_neighbours": len(neigh),
     }

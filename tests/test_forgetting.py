@@ -283,7 +283,9 @@ def test_recall_neutral_answer_and_erasure_report(default_model):
     assert target.isalpha() and F.first_token_id(tok, target) != F.first_token_id(tok, f.target_true)
     report = F.erasure_report(model, tok, f, target)
     assert report["old_top1"] == 1 and report["old_rank"] == 0
-    assert 0 <= report["neighbours_kept"] <= report["n_neighbours"] == len(f.neighbourhood)
+    assert 0 <= report["neighbours_true"] <= report["n_neighbours"] == len(f.neighbourhood)
+    assert len(report["neighbours_top1"]) == len(f.neighbourhood) and sum(report["neighbours_top1"]) == report[
+        "neighbours_true"]
     assert int(F.answer_rank(model, tok, [f.prompt], f.target_true)[0]) == 0
 
 
