@@ -220,6 +220,15 @@ def sweep_matrices(sweep: dict, outcome: str = "paraphrase_mag") -> tuple[np.nda
     return Y, np.array(sweep["tracing_effect"], dtype=float)
 
 
+def sweep_estimates(sweep: dict, metrics: Sequence[str] = METRICS) -> dict[int, dict[str, Estimate]]:
+    """Per swept layer of a layer sweep's record (``rome.layer_sweep``), each score of ``metrics`` averaged
+    over the facts with a bootstrap 95% interval: ``{layer: {metric: Estimate}}``."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"Unknown scores {unknown}: use those of {list(METRICS)}.")
+    return {l: {m: bootstrap(sweep["per_layer"][str(l)][m]) for m in metrics} for l in sweep["layers"]}
+
+
 def fact_totals(sweep: dict) -> dict[int, np.ndarray]:
     """Per swept layer of a layer sweep's record (``rome.layer_sweep``): each fact's three magnitudes summed,
     [facts] in the record's order (what the sweep ranks layers by)."""
@@ -243,6 +252,23 @@ def sweep_differences(sweep: dict, reference: int) -> dict[int, Estimate]:
     if reference not in per_fact:
         raise ValueError(f"layer {reference} was not swept: choose one of {sweep['layers']}.")
     return {l: bootstrap(v - per_fact[reference]) for l, v in per_fact.items()}
+
+
+def layer_rule(sweep: dict, reference: int) -> tuple[int, dict[int, Estimate]]:
+    """The rule fixed before a check sweep on fresh facts runs: its best layer replaces the layer in use
+    (``reference``) only if it beats it fact by fact, with the paired 95% interval of
+    :func:`sweep_differences` above zero; otherwise ``reference`` stays. Returns the layer the rule keeps and
+    every swept layer's paired difference from ``reference``."""
+    diffs = sweep_differences(sweep, reference)
+    best = sweep["best_layer"]
+    return (best if best != reference and diffs[best].lo > 0 else reference), diffs
+
+
+def chosen_layer(sweep: dict) -> int:
+    """The layer a committed sweep decides: its best layer, or, for a check run under a rule fixed before it
+    ran (``sweep["settings"]["rule_reference"]``: the layer then in use), :func:`layer_rule`'s outcome."""
+    reference = sweep["settings"].get("rule_reference")
+    return sweep["best_layer"] if reference is None else layer_rule(sweep, reference)[0]
 
 
 def sweep_facts(sweep: dict) -> list[data.Fact]:

@@ -131,8 +131,9 @@ def layer_sweep(model: nn.Module, variant: str = "") -> dict | None:
 
 
 def choosing_sweep(model: nn.Module) -> dict | None:
-    """The committed sweep whose best layer is ``model``'s tuned layer (its settings file names the variant:
-    ``"layer_chosen_by"``), or None for a model without one (GPT-2 XL's layer is the paper's)."""
+    """The committed sweep that decided ``model``'s tuned layer (its settings file names the variant:
+    ``"layer_chosen_by"``; the layer is ``evaluation.chosen_layer`` of it), or None for a model without one
+    (GPT-2 XL's layer is the paper's)."""
     spec = _spec_for(model)
     if spec is None or spec["status"] != "tuned":
         return None

@@ -2,16 +2,17 @@
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/rome_sweep.py --threads 1 \
         [--model smollm2-135m-offline] [--step 2 | --layers 0,2,4] [--facts 10] [--split dev] [--spread] \
-        [--exclude SWEEP.json ...] [--out engram_helpers/hparams/sweeps/MODEL.json]
+        [--exclude SWEEP.json ...] [--rule-reference L] [--out engram_helpers/hparams/sweeps/MODEL.json]
 
 Every ``--step``-th layer (or only the ``--layers`` named), ``--facts`` known facts of the DEVELOPMENT split
-(``--split``; the layer is chosen here, so never on the test facts the notebook reports; the first known ones,
-or with ``--spread`` spread over the relations; ``--exclude`` leaves out the facts of earlier sweeps, for a
-check on fresh facts), each edited at each layer (``--prefixes`` context prefixes) and scored with the
-CounterFact magnitudes; the chosen layer is the one with the largest mean of efficacy + paraphrase +
-neighbourhood magnitude (``best_layer`` in the JSON); the MLP causal trace of each fact (window ``--window``
-layers, default 10; 5 noise samples); then, per (fact, layer), the R² of the paraphrase magnitude on the layer
-alone (one indicator per layer) and on the layer plus the fact's tracing effect at that layer, and the
+(``--split``; the layer is chosen here, so never on the test facts the notebook reports; the first known ones, or
+with ``--spread`` spread over the relations; ``--exclude`` leaves out the facts of earlier sweeps, for a check on
+fresh facts; ``--rule-reference`` records the layer in use when such a check starts, which its best layer replaces
+only if it beats it fact by fact: ``evaluation.layer_rule``), each edited at each layer (``--prefixes`` context
+prefixes) and scored with the CounterFact magnitudes; the chosen layer is the one with the largest mean of efficacy
++ paraphrase + neighbourhood magnitude (``best_layer`` in the JSON); the MLP causal trace of each fact (window
+``--window`` layers, default 10; 5 noise samples); then, per (fact, layer), the R² of the paraphrase magnitude on
+the layer alone (one indicator per layer) and on the layer plus the fact's tracing effect at that layer, and the
 correlation of tracing effect and success, with bootstrap 95% intervals over facts (1,000 resamples, seed 0).
 Prints a table and writes every number to ``--out`` (JSON).
 """
@@ -40,20 +41,20 @@ def summarize(args, model, hp, facts, planned: list[int], per_layer: dict, effec
     """The JSON record of the layers done so far (sorted), with the chosen layer and the Hase analysis."""
     layers = sorted(per_layer)
     effects = effects_all[:, layers]
-    score = {l: float(np.mean(np.sum([per_layer[l][m] for m in evaluation.MAGNITUDES], axis=0))) for l in layers}
-    best = max(layers, key=lambda l: score[l])
     result = {"model": model_id(model), "split": args.split, "layers": layers, "layers_planned": planned,
               "complete": layers == sorted(planned), "fact_ids": [f.id for f in facts],
               "settings": {"facts": "spread over relations" if args.spread else "first known",
                            "n_prefixes": args.prefixes, "trace_samples": args.samples, "trace_window": args.window,
-                           "excluded_sweeps": args.exclude, "threads": threads, "cov_tokens": hp.cov_tokens,
+                           "excluded_sweeps": args.exclude, "rule_reference": args.rule_reference,
+                           "threads": threads, "cov_tokens": hp.cov_tokens,
                            "cov_source": hp.cov_source,
                            "v_steps": hp.v_steps, "nll_stop": hp.nll_stop},
               "selection": "largest mean over facts of efficacy_mag + paraphrase_mag + neighbourhood_mag",
-              "score": {str(l): score[l] for l in layers}, "best_layer": best,
               "per_layer": {str(l): per_layer[l] for l in layers},
               "tracing_effect": effects.tolist(), "tracing_effect_all_layers": effects_all.tolist(),
               "seconds": seconds}
+    score = {l: float(v.mean()) for l, v in evaluation.fact_totals(result).items()}
+    result["score"], result["best_layer"] = {str(l): score[l] for l in layers}, max(layers, key=lambda l: score[l])
     if len(layers) >= 2:
         for outcome in ("paraphrase_mag", "efficacy_mag"):
             result[f"hase_{outcome}"] = evaluation.tracing_predicts_editing(*evaluation.sweep_matrices(result, outcome))
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--layers", help="only these layers, comma-separated (e.g. 0,2,4,6): replaces --step")
     ap.add_argument("--exclude", nargs="*", default=[],
                     help="sweep records (JSON) whose facts to leave out, so that a check runs on fresh facts")
+    ap.add_argument("--rule-reference", type=int,
+                    help="for a check: the layer in use, which the best layer replaces only if it beats it by facts")
     ap.add_argument("--facts", type=int, default=10)
     ap.add_argument("--prefixes", type=int, default=2)
     ap.add_argument("--samples", type=int, default=5)
@@ -89,6 +92,8 @@ def main() -> None:
     planned = ([int(l) for l in args.layers.split(",")] if args.layers else list(range(0, n_layers, args.step)))
     if not planned or any(not 0 <= l < n_layers for l in planned) or len(set(planned)) < len(planned):
         raise SystemExit(f"--layers must name distinct layers between 0 and {n_layers - 1}, got {args.layers!r}")
+    if args.rule_reference is not None and args.rule_reference not in planned:
+        raise SystemExit(f"--rule-reference {args.rule_reference} must be among the swept layers {planned}")
     t0 = time.perf_counter()
     Cs = layer_stats.second_moments(model, tok, planned, hp.cov_tokens, hp.cov_source)
     excluded = {i for path in args.exclude for i in json.loads(Path(path).read_text(encoding="utf-8"))["fact_ids"]}
@@ -134,6 +139,8 @@ def main() -> None:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
     print(f"best layer by the sum of the three magnitudes: {result['best_layer']} (layers {result['layers']})")
+    if args.rule_reference is not None:
+        print(f"the rule against layer {args.rule_reference} keeps layer {evaluation.chosen_layer(result)}")
     for outcome in ("paraphrase_mag", "efficacy_mag"):
         h = result.get(f"hase_{outcome}")
         if h:

@@ -122,13 +122,50 @@ def test_sweep_matrices_reproduce_the_committed_hase_analysis():
         assert max(totals, key=lambda l: totals[l].mean) == sweep["best_layer"] and sweep["best_layer"] in close
         assert all(totals[l].mean >= totals[sweep["best_layer"]].lo for l in close)
         assert [f.id for f in evaluation.sweep_facts(sweep)] == sweep["fact_ids"]
+        # per-score estimates: every layer and score, and the three magnitudes' means add up to the total's
+        est = evaluation.sweep_estimates(sweep)
+        assert sorted(est) == sorted(sweep["layers"])
+        assert all(sorted(e) == sorted(evaluation.METRICS) for e in est.values())
+        for layer, e in est.items():
+            assert abs(sum(e[m].mean for m in evaluation.MAGNITUDES) - totals[layer].mean) < 1e-9
+            assert e["efficacy_mag"].lo <= e["efficacy_mag"].mean <= e["efficacy_mag"].hi
         # paired differences: zero against itself, and each mean difference is the difference of the means
         diffs = evaluation.sweep_differences(sweep, sweep["best_layer"])
         assert diffs[sweep["best_layer"]].mean == diffs[sweep["best_layer"]].lo == diffs[sweep["best_layer"]].hi == 0
         for layer, est in diffs.items():
             assert abs(est.mean - (totals[layer].mean - totals[sweep["best_layer"]].mean)) < 1e-9
             assert est.mean <= 1e-12 and est.lo <= est.mean <= est.hi
+        # the layer rule: the best layer never gives way to a worse one; it replaces another only by a clear margin
+        assert evaluation.layer_rule(sweep, sweep["best_layer"])[0] == sweep["best_layer"]
+        for layer in sweep["layers"]:
+            kept, d = evaluation.layer_rule(sweep, layer)
+            assert kept in (layer, sweep["best_layer"]) and (kept != layer) == (d[sweep["best_layer"]].lo > 0)
     with pytest.raises(ValueError, match="was not swept"):
         evaluation.sweep_differences(sweeps[0], 1)
     with pytest.raises(ValueError, match="Unknown outcome"):
         evaluation.sweep_matrices(sweeps[0], "fluency")
+    with pytest.raises(ValueError, match="Unknown scores"):
+        evaluation.sweep_estimates(sweeps[0], ["fluency"])
+
+
+def test_layer_rule_keeps_the_layer_in_use_unless_a_better_one_wins_fact_by_fact():
+    # A check sweep on 40 facts: layer 0 in use, layer 2 better on average by `gain` per magnitude, per-fact noise.
+    rng = np.random.default_rng(0)
+
+    def record(gain: float, reference: int | None = 0) -> dict:
+        base = rng.uniform(0.2, 0.8, size=(len(evaluation.MAGNITUDES), 40))
+        noise = rng.normal(0, 0.1, size=base.shape)
+        other = base + gain + noise - noise.mean(axis=1, keepdims=True)  # better by exactly `gain` on average
+        sweep = {"layers": [0, 2], "settings": {"rule_reference": reference},
+                 "per_layer": {"0": dict(zip(evaluation.MAGNITUDES, base.tolist())),
+                               "2": dict(zip(evaluation.MAGNITUDES, other.tolist()))}}
+        sweep["best_layer"] = 2 if other.sum() > base.sum() else 0
+        return sweep
+
+    narrow, clear = record(0.005), record(0.1)
+    assert narrow["best_layer"] == 2 and clear["best_layer"] == 2, "layer 2 is better on average in both"
+    kept, diffs = evaluation.layer_rule(narrow, 0)
+    assert diffs[2].lo <= 0 < diffs[2].mean and kept == 0 == evaluation.chosen_layer(narrow), "a hair is not enough"
+    kept, diffs = evaluation.layer_rule(clear, 0)
+    assert diffs[2].lo > 0 and kept == 2 == evaluation.chosen_layer(clear)
+    assert evaluation.chosen_layer(record(0.005, reference=None)) == 2, "without a rule: the sweep's best layer"

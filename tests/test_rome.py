@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engram_helpers import data, layer_stats, rome, weights
+from engram_helpers import data, evaluation, layer_stats, rome, weights
 from engram_helpers.hooks import trace
 from engram_helpers.models import answer_ids, arch, encode, first_token_id, mlp_out_weight, next_token_probs
 from engram_helpers.query import Query, contexts, subject_last
@@ -77,16 +77,19 @@ def test_hparams_match_model_name_and_architecture():
     for named in (smol_model, _Named("/somewhere/gemma-3-270m-offline", "gemma3_text", 18)):
         hp, sweep = rome.hparams_for(named), rome.choosing_sweep(named)
         assert sweep is not None, "a tuned model's layer comes from a committed sweep (scripts/rome_sweep.py)"
-        assert (hp.layer, hp.status) == (sweep["best_layer"], "tuned"), "hparams follow the committed sweep"
+        assert (hp.layer, hp.status) == (evaluation.chosen_layer(sweep), "tuned"), "hparams follow the committed sweep"
         assert rome.layer_sweep(named) is not None, "every tuned model also has its sweep over the whole depth"
         assert sweep["split"] == "dev" and set(sweep["fact_ids"]) <= {f.id for f in data.facts_in_split("dev")}
         assert sweep["complete"] and len(sweep["layers"]) >= 4
         scores = {int(l): v for l, v in sweep["score"].items()}
         assert max(scores, key=scores.__getitem__) == sweep["best_layer"]
     # the same name on another architecture does not get the paper's settings: the depth rule applies
-    fresh = rome.layer_sweep(smol_model, variant="fresh")  # the check that chose SmolLM2's layer: new facts only
-    used = set(rome.layer_sweep(smol_model)["fact_ids"]) | set(rome.layer_sweep(smol_model, "spread")["fact_ids"])
-    assert fresh is not None and not used & set(fresh["fact_ids"]) and len(fresh["settings"]["excluded_sweeps"]) == 2
+    for named in (smol_model, _Named("/somewhere/gemma-3-270m-offline", "gemma3_text", 18)):
+        fresh = rome.layer_sweep(named, variant="fresh")  # the check that settled each layer: new facts only
+        used = set(rome.layer_sweep(named)["fact_ids"]) | set(rome.layer_sweep(named, "spread")["fact_ids"])
+        assert fresh is not None and not used & set(fresh["fact_ids"])
+        assert len(fresh["settings"]["excluded_sweeps"]) == 2
+        assert fresh["settings"]["rule_reference"] in fresh["layers"], "a check names the layer its rule compares with"
     assert rome.choosing_sweep(_Named("gpt2-xl", "gpt2", 48)) is None, "the paper's layer, not a sweep's"
     other = rome.hparams_for(_Named("gpt2-xl", "llama", 48))
     assert other.status == "depth rule" and other.layer == max(1, round(48 * smol.layer / 30))
