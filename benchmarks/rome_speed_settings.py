@@ -32,14 +32,6 @@ OUT = Path(__file__).parent / "results" / "rome_speed_settings.json"
 SCORES = evaluation.MAGNITUDES + ("neighbourhood_kl",)
 
 
-def parse_variant(text: str, hp: rome.HParams) -> dict[str, float | int]:
-    """``"v_lr=1"`` -> ``{"v_lr": 1.0}``, typed like the setting it changes."""
-    name, _, value = text.partition("=")
-    if not hasattr(hp, name) or not value:
-        raise SystemExit(f"--variants takes setting=value with a setting of rome.HParams, got {text!r}")
-    return {name: type(getattr(hp, name))(float(value))}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL, help="an offline model (e.g. gemma-3-270m-offline) or a Hub name")
@@ -52,8 +44,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     hp0 = rome.hparams_for(model)
-    variants = {"settings": {}} | {v: parse_variant(v, hp0) for v in args.variants}
-    excluded = {i for path in args.exclude for i in json.loads(Path(path).read_text(encoding="utf-8"))["fact_ids"]}
+    try:
+        variants = {"settings": {}} | {v: rome.setting_from_text(v, hp0) for v in args.variants}
+    except ValueError as e:
+        raise SystemExit(f"--variants: {e}") from None
+    excluded = evaluation.recorded_fact_ids(args.exclude)
     facts = [f for f in data.known_facts(model, tok, data.facts_in_split("dev")) if f.id not in excluded][: args.facts]
     print(f"{len(facts)} dev facts, layer {hp0.layer}, lr {hp0.v_lr}, up to {hp0.v_steps} steps, {hp0.n_prefixes} "
           f"prefixes, {args.threads} threads")

@@ -16,8 +16,10 @@ edited one, each with a seeded bootstrap 95% interval over facts.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -244,11 +246,15 @@ def sweep_totals(sweep: dict) -> tuple[dict[int, Estimate], list[int]]:
     return totals, [l for l in totals if totals[l].mean >= totals[best].lo]
 
 
-def sweep_differences(sweep: dict, reference: int) -> dict[int, Estimate]:
-    """Per swept layer, each fact's ``fact_totals`` minus the same fact's at layer ``reference``, averaged with
-    a bootstrap 95% interval over facts: a paired comparison, which tells layers apart better than comparing
-    their separate intervals (a layer beats ``reference`` where the interval lies above zero)."""
-    per_fact = fact_totals(sweep)
+def sweep_differences(sweep: dict, reference: int, metric: str | None = None) -> dict[int, Estimate]:
+    """Per swept layer, each fact's ``fact_totals`` (or, with ``metric``, that one score of :data:`METRICS`)
+    minus the same fact's at layer ``reference``, averaged with a bootstrap 95% interval over facts: a paired
+    comparison, which tells layers apart better than comparing their separate intervals (a layer beats
+    ``reference`` where the interval lies above zero)."""
+    if metric is not None and metric not in METRICS:
+        raise ValueError(f"Unknown score {metric!r}: use one of {list(METRICS)}, or None for the summed magnitudes.")
+    per_fact = (fact_totals(sweep) if metric is None
+                else {l: np.asarray(sweep["per_layer"][str(l)][metric], dtype=float) for l in sweep["layers"]})
     if reference not in per_fact:
         raise ValueError(f"layer {reference} was not swept: choose one of {sweep['layers']}.")
     return {l: bootstrap(v - per_fact[reference]) for l, v in per_fact.items()}
@@ -269,6 +275,29 @@ def chosen_layer(sweep: dict) -> int:
     ran (``sweep["settings"]["rule_reference"]``: the layer then in use), :func:`layer_rule`'s outcome."""
     reference = sweep["settings"].get("rule_reference")
     return sweep["best_layer"] if reference is None else layer_rule(sweep, reference)[0]
+
+
+def committed_result(name: str) -> dict | None:
+    """``benchmarks/results/<name>`` (a JSON result committed in the course repository), read from the clone the
+    notebook runs in (looked for from the working directory upwards), or None outside a clone (e.g. on Colab or
+    after a pip install): notebooks then say where the file is instead of failing."""
+    rel = Path("benchmarks", "results", name)
+    for folder in (Path.cwd(), *Path.cwd().parents):
+        if (folder / rel).is_file():
+            return json.loads((folder / rel).read_text(encoding="utf-8"))
+    return None
+
+
+def recorded_fact_ids(paths: Sequence[str | Path]) -> set[str]:
+    """The ids of the facts that committed records used (JSON files with ``"fact_ids"``: a layer sweep's, a
+    settings comparison's), so that a new check can leave them out and run on fresh facts."""
+    ids: set[str] = set()
+    for path in paths:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        if "fact_ids" not in record:
+            raise ValueError(f"{path} has no 'fact_ids': pass a sweep or settings record (JSON) to leave out.")
+        ids.update(record["fact_ids"])
+    return ids
 
 
 def sweep_facts(sweep: dict) -> list[data.Fact]:

@@ -124,7 +124,8 @@ def layer_sweep(model: nn.Module, variant: str = "") -> dict | None:
     """The committed result of ``scripts/rome_sweep.py`` for ``model`` (``hparams/sweeps/<model id>.json``:
     layers, development-split fact ids, per-layer scores, tracing effects, ``best_layer``), or None.
     ``variant``: a check committed beside it, where there is one: ``"spread"`` (rerun with ``--spread``, facts
-    spread over relations), ``"fresh"`` (the early layers again, on development facts new to both)."""
+    spread over relations), ``"fresh"`` (the early layers again, on development facts new to both),
+    ``"clamp2"`` (Gemma: the early layers again with a clamp factor of 2, chosen together with it)."""
     name = f"{model_id(model)}-{variant}.json" if variant else f"{model_id(model)}.json"
     path = resources.files("engram_helpers").joinpath("hparams", "sweeps", name)
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
@@ -147,6 +148,24 @@ def with_settings(hp: HParams, **changes) -> HParams:
     if bad:
         raise ValueError(f"Unknown settings {bad}: HParams has {sorted(known)}.")
     return HParams(**{**{f.name: getattr(hp, f.name) for f in fields(HParams)}, **changes})
+
+
+def setting_from_text(text: str, hp: HParams) -> dict[str, float | int | str]:
+    """A command line's ``"setting=value"`` (e.g. ``"clamp_factor=2"``) as ``{"clamp_factor": 2.0}``, typed like
+    the setting of ``hp`` it changes (for :func:`with_settings`); a clear error for anything else."""
+    name, _, value = text.partition("=")
+    if name not in {f.name for f in fields(HParams)} or name == "status" or not value:
+        raise ValueError(f"Expected setting=value with a setting of rome.HParams (e.g. clamp_factor=2), got {text!r}.")
+    kind = type(getattr(hp, name))
+    if kind is str:
+        return {name: value}
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{name} takes a number, got {value!r}.") from None
+    if kind is int and number != int(number):
+        raise ValueError(f"{name} takes a whole number, got {value!r}.")
+    return {name: kind(number)}
 
 
 # ----------------------------------------------------------------------------------------------------------

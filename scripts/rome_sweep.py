@@ -2,19 +2,21 @@
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/rome_sweep.py --threads 1 \
         [--model smollm2-135m-offline] [--step 2 | --layers 0,2,4] [--facts 10] [--split dev] [--spread] \
-        [--exclude SWEEP.json ...] [--rule-reference L] [--out engram_helpers/hparams/sweeps/MODEL.json]
+        [--exclude SWEEP.json ...] [--rule-reference L] [--set clamp_factor=2 ...] \
+        [--out engram_helpers/hparams/sweeps/MODEL.json]
 
 Every ``--step``-th layer (or only the ``--layers`` named), ``--facts`` known facts of the DEVELOPMENT split
 (``--split``; the layer is chosen here, so never on the test facts the notebook reports; the first known ones, or
 with ``--spread`` spread over the relations; ``--exclude`` leaves out the facts of earlier sweeps, for a check on
 fresh facts; ``--rule-reference`` records the layer in use when such a check starts, which its best layer replaces
-only if it beats it fact by fact: ``evaluation.layer_rule``), each edited at each layer (``--prefixes`` context
-prefixes) and scored with the CounterFact magnitudes; the chosen layer is the one with the largest mean of efficacy
-+ paraphrase + neighbourhood magnitude (``best_layer`` in the JSON); the MLP causal trace of each fact (window
-``--window`` layers, default 10; 5 noise samples); then, per (fact, layer), the R² of the paraphrase magnitude on
-the layer alone (one indicator per layer) and on the layer plus the fact's tracing effect at that layer, and the
-correlation of tracing effect and success, with bootstrap 95% intervals over facts (1,000 resamples, seed 0).
-Prints a table and writes every number to ``--out`` (JSON).
+only if it beats it fact by fact: ``evaluation.layer_rule``; ``--set`` changes one of the model's other settings for
+the whole sweep, e.g. to choose the layer together with that setting), each edited at each layer (``--prefixes``
+context prefixes) and scored with the CounterFact magnitudes; the chosen layer is the one with the largest mean of
+efficacy + paraphrase + neighbourhood magnitude (``best_layer`` in the JSON); the MLP causal trace of each fact
+(window ``--window`` layers, default 10; 5 noise samples); then, per (fact, layer), the R² of the paraphrase
+magnitude on the layer alone (one indicator per layer) and on the layer plus the fact's tracing effect at that
+layer, and the correlation of tracing effect and success, with bootstrap 95% intervals over facts (1,000 resamples,
+seed 0). Prints a table and writes every number to ``--out`` (JSON).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +51,8 @@ def summarize(args, model, hp, facts, planned: list[int], per_layer: dict, effec
                            "excluded_sweeps": args.exclude, "rule_reference": args.rule_reference,
                            "threads": threads, "cov_tokens": hp.cov_tokens,
                            "cov_source": hp.cov_source,
-                           "v_steps": hp.v_steps, "nll_stop": hp.nll_stop},
+                           "v_steps": hp.v_steps, "nll_stop": hp.nll_stop, "changed_settings": args.changes,
+                           "hparams": {k: v for k, v in asdict(hp).items() if k != "status"}},
               "selection": "largest mean over facts of efficacy_mag + paraphrase_mag + neighbourhood_mag",
               "per_layer": {str(l): per_layer[l] for l in layers},
               "tracing_effect": effects.tolist(), "tracing_effect_all_layers": effects_all.tolist(),
@@ -70,6 +74,8 @@ def main() -> None:
                     help="sweep records (JSON) whose facts to leave out, so that a check runs on fresh facts")
     ap.add_argument("--rule-reference", type=int,
                     help="for a check: the layer in use, which the best layer replaces only if it beats it by facts")
+    ap.add_argument("--set", nargs="*", default=[], dest="changes", metavar="SETTING=VALUE",
+                    help="change the model's settings for the whole sweep (rome.HParams), e.g. clamp_factor=2")
     ap.add_argument("--facts", type=int, default=10)
     ap.add_argument("--prefixes", type=int, default=2)
     ap.add_argument("--samples", type=int, default=5)
@@ -87,7 +93,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     args.out = args.out or f"engram_helpers/hparams/sweeps/{model_id(model)}.json"
-    hp = rome.with_settings(rome.hparams_for(model), n_prefixes=args.prefixes)
+    hp0 = rome.hparams_for(model)
+    try:
+        args.changes = {k: v for text in args.changes for k, v in rome.setting_from_text(text, hp0).items()}
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from None
+    if {"layer", "n_prefixes"} & set(args.changes):
+        raise SystemExit("--set cannot change the layer (use --layers) or n_prefixes (use --prefixes)")
+    hp = rome.with_settings(hp0, **args.changes, n_prefixes=args.prefixes)
     n_layers = model.config.num_hidden_layers
     planned = ([int(l) for l in args.layers.split(",")] if args.layers else list(range(0, n_layers, args.step)))
     if not planned or any(not 0 <= l < n_layers for l in planned) or len(set(planned)) < len(planned):
@@ -96,7 +109,7 @@ def main() -> None:
         raise SystemExit(f"--rule-reference {args.rule_reference} must be among the swept layers {planned}")
     t0 = time.perf_counter()
     Cs = layer_stats.second_moments(model, tok, planned, hp.cov_tokens, hp.cov_source)
-    excluded = {i for path in args.exclude for i in json.loads(Path(path).read_text(encoding="utf-8"))["fact_ids"]}
+    excluded = evaluation.recorded_fact_ids(args.exclude)
     known = [f for f in data.known_facts(model, tok, data.facts_in_split(args.split)) if f.id not in excluded]
     facts = data.spread_over_relations(known, args.facts, seed=0) if args.spread else known[: args.facts]
     print(f"{len(facts)} {args.split} facts x {len(planned)} layers")
@@ -112,7 +125,8 @@ def main() -> None:
         same = (old["fact_ids"] == [f.id for f in facts] and old["split"] == args.split
                 and old["layers_planned"] == planned and old["settings"]["n_prefixes"] == args.prefixes
                 and old["settings"]["trace_samples"] == args.samples
-                and old["settings"]["v_steps"] == hp.v_steps and old["settings"]["nll_stop"] == hp.nll_stop)
+                and old["settings"]["v_steps"] == hp.v_steps and old["settings"]["nll_stop"] == hp.nll_stop
+                and old["settings"].get("changed_settings", {}) == args.changes)
         if not same:
             raise SystemExit(f"--resume: {args.out} was made with other facts or settings; run without --resume")
         if not np.allclose(old["tracing_effect_all_layers"], effects_all, atol=1e-4):

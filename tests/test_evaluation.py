@@ -169,3 +169,30 @@ def test_layer_rule_keeps_the_layer_in_use_unless_a_better_one_wins_fact_by_fact
     kept, diffs = evaluation.layer_rule(clear, 0)
     assert diffs[2].lo > 0 and kept == 2 == evaluation.chosen_layer(clear)
     assert evaluation.chosen_layer(record(0.005, reference=None)) == 2, "without a rule: the sweep's best layer"
+    # one score at a time: the same paired comparison per magnitude, whose means add up to the summed one's
+    per_score = {m: evaluation.sweep_differences(clear, 0, metric=m)[2] for m in evaluation.MAGNITUDES}
+    assert np.isclose(sum(e.mean for e in per_score.values()), diffs[2].mean)
+    assert all(np.isclose(e.mean, 0.1) for e in per_score.values()), "each magnitude gained `gain` on average"
+    with pytest.raises(ValueError, match="Unknown score"):
+        evaluation.sweep_differences(clear, 0, metric="neighbours")
+
+
+def test_recorded_fact_ids_and_committed_results(tmp_path, monkeypatch):
+    # --exclude's reader: the union of the records' fact ids; a file without them is an error that says what to pass
+    (tmp_path / "a.json").write_text(json.dumps({"fact_ids": ["f1", "f2"]}), encoding="utf-8")
+    (tmp_path / "b.json").write_text(json.dumps({"fact_ids": ["f2", "f3"], "per_layer": {}}), encoding="utf-8")
+    (tmp_path / "c.json").write_text(json.dumps({"summary": []}), encoding="utf-8")
+    assert evaluation.recorded_fact_ids([tmp_path / "a.json", tmp_path / "b.json"]) == {"f1", "f2", "f3"}
+    assert evaluation.recorded_fact_ids([]) == set()
+    with pytest.raises(ValueError, match="no 'fact_ids'"):
+        evaluation.recorded_fact_ids([tmp_path / "c.json"])
+    # a committed result is found from a notebook's folder inside a clone, and is None outside one (Colab)
+    results = tmp_path / "clone" / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "r.json").write_text(json.dumps({"n": 3}), encoding="utf-8")
+    (tmp_path / "clone" / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "clone" / "notebooks")
+    assert evaluation.committed_result("r.json") == {"n": 3}
+    assert evaluation.committed_result("missing.json") is None
+    monkeypatch.chdir(tmp_path)
+    assert evaluation.committed_result("r.json") is None

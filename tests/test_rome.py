@@ -80,7 +80,11 @@ def test_hparams_match_model_name_and_architecture():
         assert (hp.layer, hp.status) == (evaluation.chosen_layer(sweep), "tuned"), "hparams follow the committed sweep"
         assert rome.layer_sweep(named) is not None, "every tuned model also has its sweep over the whole depth"
         assert sweep["split"] == "dev" and set(sweep["fact_ids"]) <= {f.id for f in data.facts_in_split("dev")}
-        assert sweep["complete"] and len(sweep["layers"]) >= 4
+        rule = sweep["settings"].get("rule_reference")  # a check under a rule may sweep only the layers in reach
+        assert sweep["complete"] and len(sweep["layers"]) >= (2 if rule is not None else 4)
+        recorded = sweep["settings"].get("hparams", {})  # the settings it edited with, where recorded
+        assert all(getattr(hp, k) == v for k, v in recorded.items() if k not in ("layer", "n_prefixes")), \
+            "the settings file keeps the other settings its choosing sweep ran with (e.g. a clamp factor, --set)"
         scores = {int(l): v for l, v in sweep["score"].items()}
         assert max(scores, key=scores.__getitem__) == sweep["best_layer"]
     # the same name on another architecture does not get the paper's settings: the depth rule applies
@@ -97,6 +101,15 @@ def test_hparams_match_model_name_and_architecture():
     with pytest.raises(ValueError, match="Unknown settings"):
         rome.with_settings(smol, layers=3)
     assert rome.with_settings(smol, layer=6).layer == 6
+    # the command lines' setting=value (rome_sweep.py --set, rome_speed_settings.py --variants), typed like the setting
+    assert rome.setting_from_text("clamp_factor=2", smol) == {"clamp_factor": 2.0}
+    assert rome.setting_from_text("v_steps=12", smol) == {"v_steps": 12}
+    assert rome.setting_from_text("cov_source=wiki", smol) == {"cov_source": "wiki"}
+    for bad, match in (("v_step=12", "setting of rome.HParams"), ("status=x", "setting of rome.HParams"),
+                       ("clamp_factor=", "setting of rome.HParams"), ("v_steps=1.5", "whole number"),
+                       ("v_lr=fast", "takes a number")):
+        with pytest.raises(ValueError, match=match):
+            rome.setting_from_text(bad, smol)
 
 
 def test_prefix_containing_the_subject_does_not_move_the_key(default_model):
