@@ -288,10 +288,10 @@ def committed_result(name: str) -> dict | None:
     return None
 
 
-def recorded_fact_ids(paths: Sequence[str | Path]) -> set[str]:
+def recorded_fact_ids(paths: Sequence[str | Path]) -> set[int]:
     """The ids of the facts that committed records used (JSON files with ``"fact_ids"``: a layer sweep's, a
     settings comparison's), so that a new check can leave them out and run on fresh facts."""
-    ids: set[str] = set()
+    ids: set[int] = set()
     for path in paths:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
         if "fact_ids" not in record:

@@ -141,7 +141,7 @@ def test_sweep_matrices_reproduce_the_committed_hase_analysis():
             kept, d = evaluation.layer_rule(sweep, layer)
             assert kept in (layer, sweep["best_layer"]) and (kept != layer) == (d[sweep["best_layer"]].lo > 0)
     with pytest.raises(ValueError, match="was not swept"):
-        evaluation.sweep_differences(sweeps[0], 1)
+        evaluation.sweep_differences(sweeps[0], next(l for l in range(100) if l not in sweeps[0]["layers"]))
     with pytest.raises(ValueError, match="Unknown outcome"):
         evaluation.sweep_matrices(sweeps[0], "fluency")
     with pytest.raises(ValueError, match="Unknown scores"):
@@ -179,10 +179,10 @@ def test_layer_rule_keeps_the_layer_in_use_unless_a_better_one_wins_fact_by_fact
 
 def test_recorded_fact_ids_and_committed_results(tmp_path, monkeypatch):
     # --exclude's reader: the union of the records' fact ids; a file without them is an error that says what to pass
-    (tmp_path / "a.json").write_text(json.dumps({"fact_ids": ["f1", "f2"]}), encoding="utf-8")
-    (tmp_path / "b.json").write_text(json.dumps({"fact_ids": ["f2", "f3"], "per_layer": {}}), encoding="utf-8")
+    (tmp_path / "a.json").write_text(json.dumps({"fact_ids": [1, 2]}), encoding="utf-8")
+    (tmp_path / "b.json").write_text(json.dumps({"fact_ids": [2, 3], "per_layer": {}}), encoding="utf-8")
     (tmp_path / "c.json").write_text(json.dumps({"summary": []}), encoding="utf-8")
-    assert evaluation.recorded_fact_ids([tmp_path / "a.json", tmp_path / "b.json"]) == {"f1", "f2", "f3"}
+    assert evaluation.recorded_fact_ids([tmp_path / "a.json", tmp_path / "b.json"]) == {1, 2, 3}
     assert evaluation.recorded_fact_ids([]) == set()
     with pytest.raises(ValueError, match="no 'fact_ids'"):
         evaluation.recorded_fact_ids([tmp_path / "c.json"])
