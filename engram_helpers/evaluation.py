@@ -135,6 +135,23 @@ class Evaluation:
         """One value per fact of ``metric`` for ``method``: [n_facts]."""
         return np.array([r[metric] for r in self.rows if r["method"] == method], dtype=float)
 
+    def fact_ids(self, method: str) -> list[int]:
+        """The ids of the facts ``method`` has rows for, in order."""
+        return [r["fact"] for r in self.rows if r["method"] == method]
+
+    def paired(self, metric: str, method: str = "rome", minus: str | Evaluation = "unedited") -> np.ndarray:
+        """Each fact's ``metric`` for ``method`` minus the same fact's for ``minus``: another method of this
+        evaluation (default: the unedited model, so the change an edit made), or another evaluation of the same
+        facts (its rows for ``method``): [n_facts]. Average it with :func:`bootstrap` for a paired interval."""
+        other, other_method = (self, minus) if isinstance(minus, str) else (minus, method)
+        for ev, m in ((self, method), (other, other_method)):
+            if m not in ev.methods:
+                raise ValueError(f"No rows for method {m!r}: that evaluation has {ev.methods}.")
+        if self.fact_ids(method) != other.fact_ids(other_method):
+            raise ValueError("The two sets of rows are not the same facts in the same order: a paired difference "
+                             "needs both evaluated on one list of facts.")
+        return self.values(method, metric) - other.values(other_method, metric)
+
     def estimate(self, method: str, metric: str) -> Estimate:
         """Mean over facts with a seeded bootstrap 95% interval."""
         if method not in self.methods:
@@ -275,6 +292,49 @@ def chosen_layer(sweep: dict) -> int:
     ran (``sweep["settings"]["rule_reference"]``: the layer then in use), :func:`layer_rule`'s outcome."""
     reference = sweep["settings"].get("rule_reference")
     return sweep["best_layer"] if reference is None else layer_rule(sweep, reference)[0]
+
+
+@dataclass(frozen=True)
+class RuleCheck:
+    """A check sweep read under the rule fixed before it ran (:func:`rule_check`). Layers are those swept."""
+
+    reference: int  # the layer in use when the check ran
+    best: int  # the layer with the largest mean of the summed magnitudes
+    kept: int  # the layer the rule keeps (:func:`layer_rule`)
+    totals: dict[int, Estimate]  # per layer, the summed magnitudes (:func:`sweep_totals`)
+    differences: dict[int, Estimate]  # per layer, its summed magnitudes minus the reference's, fact by fact
+    magnitudes: dict[int, dict[str, Estimate]]  # per layer, each of the three magnitudes
+    deeper: list[int]  # the layers above both the reference and the best layer
+    deeper_differences: dict[int, dict[str, Estimate]]  # per deeper layer and magnitude, minus the reference's
+    n_facts: int
+    n_relations: int
+
+    def report(self) -> str:
+        """Every layer's numbers, the rule's outcome, and each deeper layer against the reference, as text."""
+        lines = [f"  layer {l}: sum {self.totals[l]}, minus layer {self.reference} fact by fact "
+                 f"{self.differences[l]}; " + ", ".join(f"{m} {e}" for m, e in self.magnitudes[l].items())
+                 for l in self.magnitudes]
+        verb = "keeps" if self.kept == self.reference else "moves to"
+        lines.append(f"  best layer {self.best}; the rule {verb} layer {self.kept}")
+        lines += [f"  layer {l} minus layer {self.reference} fact by fact: "
+                  + ", ".join(f"{m} {e}" for m, e in d.items()) for l, d in self.deeper_differences.items()]
+        return "\n".join(lines)
+
+
+def rule_check(sweep: dict) -> RuleCheck:
+    """Read a check sweep run under a rule fixed before it ran (its record's ``settings.rule_reference``, the
+    layer then in use; ``scripts/rome_sweep.py --rule-reference``): the rule's outcome, every layer's scores, and
+    the layers deeper than both the reference and the best, compared with the reference score by score."""
+    reference = sweep["settings"].get("rule_reference")
+    if reference is None:
+        raise ValueError("This sweep ran without a rule (no settings.rule_reference): read it with sweep_totals.")
+    kept, differences = layer_rule(sweep, reference)
+    deeper = [l for l in sweep["layers"] if l > max(reference, sweep["best_layer"])]
+    per_score = {m: sweep_differences(sweep, reference, metric=m) for m in MAGNITUDES}
+    return RuleCheck(reference=reference, best=sweep["best_layer"], kept=kept, totals=sweep_totals(sweep)[0],
+                     differences=differences, magnitudes=sweep_estimates(sweep, MAGNITUDES), deeper=deeper,
+                     deeper_differences={l: {m: per_score[m][l] for m in MAGNITUDES} for l in deeper},
+                     n_facts=len(sweep["fact_ids"]), n_relations=len({f.relation for f in sweep_facts(sweep)}))
 
 
 def committed_result(name: str) -> dict | None:

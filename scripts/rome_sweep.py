@@ -52,7 +52,8 @@ def summarize(args, model, hp, facts, planned: list[int], per_layer: dict, effec
                            "threads": threads, "cov_tokens": hp.cov_tokens,
                            "cov_source": hp.cov_source,
                            "v_steps": hp.v_steps, "nll_stop": hp.nll_stop, "changed_settings": args.changes,
-                           "hparams": {k: v for k, v in asdict(hp).items() if k != "status"}},
+                           "hparams": {k: v for k, v in asdict(hp).items()  # the layer is what the sweep varies
+                                       if k not in ("status", "layer")}},
               "selection": "largest mean over facts of efficacy_mag + paraphrase_mag + neighbourhood_mag",
               "per_layer": {str(l): per_layer[l] for l in layers},
               "tracing_effect": effects.tolist(), "tracing_effect_all_layers": effects_all.tolist(),
@@ -154,7 +155,7 @@ def main() -> None:
             json.dump(result, f, indent=1)
     print(f"best layer by the sum of the three magnitudes: {result['best_layer']} (layers {result['layers']})")
     if args.rule_reference is not None:
-        print(f"the rule against layer {args.rule_reference} keeps layer {evaluation.chosen_layer(result)}")
+        print(f"the rule against layer {args.rule_reference}, fact by fact:\n{evaluation.rule_check(result).report()}")
     for outcome in ("paraphrase_mag", "efficacy_mag"):
         h = result.get(f"hase_{outcome}")
         if h:

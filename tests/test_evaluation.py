@@ -177,6 +177,47 @@ def test_layer_rule_keeps_the_layer_in_use_unless_a_better_one_wins_fact_by_fact
         evaluation.sweep_differences(clear, 0, metric="neighbours")
 
 
+def test_rule_check_reads_each_committed_check_as_its_rule_decides():
+    # Every committed sweep run under a rule: the layer it keeps is chosen_layer's, its numbers are those of the
+    # functions it gathers, and the deeper layers are the swept ones above both the reference and the best layer.
+    from importlib import resources
+
+    folder = resources.files("engram_helpers").joinpath("hparams", "sweeps")
+    sweeps = [json.loads(f.read_text(encoding="utf-8")) for f in folder.iterdir() if f.name.endswith(".json")]
+    checks = [s for s in sweeps if s["settings"].get("rule_reference") is not None]
+    assert len(checks) >= 2, "SmolLM2's fresh check and Gemma's (fresh, clamp 2)"
+    for sweep in checks:
+        rc = evaluation.rule_check(sweep)
+        assert rc.kept == evaluation.chosen_layer(sweep) and rc.reference == sweep["settings"]["rule_reference"]
+        assert rc.differences == evaluation.layer_rule(sweep, rc.reference)[1]
+        assert rc.n_facts == len(sweep["fact_ids"]) and 1 <= rc.n_relations <= rc.n_facts
+        assert rc.deeper == [l for l in sweep["layers"] if l > rc.reference and l > sweep["best_layer"]]
+        for layer in rc.deeper:
+            for m in evaluation.MAGNITUDES:
+                assert rc.deeper_differences[layer][m] == evaluation.sweep_differences(sweep, rc.reference, m)[layer]
+        text = rc.report()
+        assert f"the rule {'keeps' if rc.kept == rc.reference else 'moves to'} layer {rc.kept}" in text
+        assert all(f"layer {l}: sum" in text for l in sweep["layers"])
+    unruled = next(s for s in sweeps if s["settings"].get("rule_reference") is None)
+    with pytest.raises(ValueError, match="without a rule"):
+        evaluation.rule_check(unruled)
+
+
+def test_paired_differences_match_facts_and_refuse_misaligned_rows():
+    def rows(method: str, facts: list[int], values: list[float]) -> list[dict]:
+        return [{"fact": f, "method": method, "neighbourhood": v} for f, v in zip(facts, values)]
+
+    ev = evaluation.Evaluation(rows("unedited", [3, 5], [1.0, 0.5]) + rows("rome", [3, 5], [0.5, 0.5]))
+    np.testing.assert_array_equal(ev.paired("neighbourhood"), [-0.5, 0.0])  # after the edit minus before
+    other = evaluation.Evaluation(rows("rome", [3, 5], [0.25, 1.0]))
+    np.testing.assert_array_equal(ev.paired("neighbourhood", minus=other), [0.25, -0.5])
+    swapped = evaluation.Evaluation(rows("rome", [5, 3], [1.0, 0.25]))
+    with pytest.raises(ValueError, match="not the same facts"):
+        ev.paired("neighbourhood", minus=swapped)
+    with pytest.raises(ValueError, match="No rows for method 'identity'"):
+        ev.paired("neighbourhood", method="identity")
+
+
 def test_recorded_fact_ids_and_committed_results(tmp_path, monkeypatch):
     # --exclude's reader: the union of the records' fact ids; a file without them is an error that says what to pass
     (tmp_path / "a.json").write_text(json.dumps({"fact_ids": [1, 2]}), encoding="utf-8")
