@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram_helpers import data, evaluation, rome
+from engram_helpers import data, evaluation, rome, sweeps
 from engram_helpers.models import DEFAULT_MODEL, load_model, model_id
 
 OUT = Path(__file__).parent / "results" / "rome_speed_settings.json"
@@ -48,7 +48,7 @@ def main() -> None:
         variants = {"settings": {}} | {v: rome.setting_from_text(v, hp0) for v in args.variants}
     except ValueError as e:
         raise SystemExit(f"--variants: {e}") from None
-    excluded = evaluation.recorded_fact_ids(args.exclude)
+    excluded = sweeps.recorded_fact_ids(args.exclude)
     facts = [f for f in data.known_facts(model, tok, data.facts_in_split("dev")) if f.id not in excluded][: args.facts]
     print(f"{len(facts)} dev facts, layer {hp0.layer}, lr {hp0.v_lr}, up to {hp0.v_steps} steps, {hp0.n_prefixes} "
           f"prefixes, {args.threads} threads")

@@ -108,8 +108,8 @@ def hparams_for(model: nn.Module) -> HParams:
 
     ``"gpt2-xl"`` and ``"openai-community/gpt2-xl"`` (GPT-2) get the paper's settings; the offline SmolLM2 and
     Gemma-3-270M their tuned ones (the layer from a committed sweep on the development facts,
-    :func:`choosing_sweep`). Any other model gets the tuned model's settings with the layer at the same
-    relative depth as in the default model's (``status="depth rule"``).
+    :func:`~engram_helpers.sweeps.choosing_sweep`). Any other model gets the tuned model's settings with the
+    layer at the same relative depth as in the default model's (``status="depth rule"``).
     """
     spec = _spec_for(model)
     if spec is not None:
@@ -118,27 +118,6 @@ def hparams_for(model: nn.Module) -> HParams:
     base = next(s for s in _hparam_files() if DEFAULT_MODEL in s["names"])  # the default model's tuned settings
     rule = {**base["hparams"], "layer": max(1, round(n_layers * base["hparams"]["layer"] / base["n_layers"]))}
     return HParams(**rule, status="depth rule")
-
-
-def layer_sweep(model: nn.Module, variant: str = "") -> dict | None:
-    """The committed result of ``scripts/rome_sweep.py`` for ``model`` (``hparams/sweeps/<model id>.json``:
-    layers, development-split fact ids, per-layer scores, tracing effects, ``best_layer``), or None.
-    ``variant``: a check committed beside it, where there is one: ``"spread"`` (rerun with ``--spread``, facts
-    spread over relations), ``"fresh"`` (the early layers again, on development facts new to both),
-    ``"clamp2"`` (Gemma: the early layers again with a clamp factor of 2, chosen together with it)."""
-    name = f"{model_id(model)}-{variant}.json" if variant else f"{model_id(model)}.json"
-    path = resources.files("engram_helpers").joinpath("hparams", "sweeps", name)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def choosing_sweep(model: nn.Module) -> dict | None:
-    """The committed sweep that decided ``model``'s tuned layer (its settings file names the variant:
-    ``"layer_chosen_by"``; the layer is ``evaluation.chosen_layer`` of it), or None for a model without one
-    (GPT-2 XL's layer is the paper's)."""
-    spec = _spec_for(model)
-    if spec is None or spec["status"] != "tuned":
-        return None
-    return layer_sweep(model, variant=spec.get("layer_chosen_by", ""))
 
 
 def with_settings(hp: HParams, **changes) -> HParams:

@@ -9,7 +9,7 @@ Every ``--step``-th layer (or only the ``--layers`` named), ``--facts`` known fa
 (``--split``; the layer is chosen here, so never on the test facts the notebook reports; the first known ones, or
 with ``--spread`` spread over the relations; ``--exclude`` leaves out the facts of earlier sweeps, for a check on
 fresh facts; ``--rule-reference`` records the layer in use when such a check starts, which its best layer replaces
-only if it beats it fact by fact: ``evaluation.layer_rule``; ``--set`` changes one of the model's other settings for
+only if it beats it fact by fact: ``sweeps.layer_rule``; ``--set`` changes one of the model's other settings for
 the whole sweep, e.g. to choose the layer together with that setting), each edited at each layer (``--prefixes``
 context prefixes) and scored with the CounterFact magnitudes; the chosen layer is the one with the largest mean of
 efficacy + paraphrase + neighbourhood magnitude (``best_layer`` in the JSON); the MLP causal trace of each fact
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram_helpers import data, evaluation, layer_stats, rome, tracing
+from engram_helpers import data, evaluation, layer_stats, rome, sweeps, tracing
 from engram_helpers.models import DEFAULT_MODEL, load_model, model_id
 
 
@@ -58,11 +58,11 @@ def summarize(args, model, hp, facts, planned: list[int], per_layer: dict, effec
               "per_layer": {str(l): per_layer[l] for l in layers},
               "tracing_effect": effects.tolist(), "tracing_effect_all_layers": effects_all.tolist(),
               "seconds": seconds}
-    score = {l: float(v.mean()) for l, v in evaluation.fact_totals(result).items()}
+    score = {l: float(v.mean()) for l, v in sweeps.fact_totals(result).items()}
     result["score"], result["best_layer"] = {str(l): score[l] for l in layers}, max(layers, key=lambda l: score[l])
     if len(layers) >= 2:
         for outcome in ("paraphrase_mag", "efficacy_mag"):
-            result[f"hase_{outcome}"] = evaluation.tracing_predicts_editing(*evaluation.sweep_matrices(result, outcome))
+            result[f"hase_{outcome}"] = sweeps.tracing_predicts_editing(*sweeps.sweep_matrices(result, outcome))
     return result
 
 
@@ -110,7 +110,7 @@ def main() -> None:
         raise SystemExit(f"--rule-reference {args.rule_reference} must be among the swept layers {planned}")
     t0 = time.perf_counter()
     Cs = layer_stats.second_moments(model, tok, planned, hp.cov_tokens, hp.cov_source)
-    excluded = evaluation.recorded_fact_ids(args.exclude)
+    excluded = sweeps.recorded_fact_ids(args.exclude)
     known = [f for f in data.known_facts(model, tok, data.facts_in_split(args.split)) if f.id not in excluded]
     facts = data.spread_over_relations(known, args.facts, seed=0) if args.spread else known[: args.facts]
     print(f"{len(facts)} {args.split} facts x {len(planned)} layers")
@@ -155,7 +155,7 @@ def main() -> None:
             json.dump(result, f, indent=1)
     print(f"best layer by the sum of the three magnitudes: {result['best_layer']} (layers {result['layers']})")
     if args.rule_reference is not None:
-        print(f"the rule against layer {args.rule_reference}, fact by fact:\n{evaluation.rule_check(result).report()}")
+        print(f"the rule against layer {args.rule_reference}, fact by fact:\n{sweeps.rule_check(result).report()}")
     for outcome in ("paraphrase_mag", "efficacy_mag"):
         h = result.get(f"hase_{outcome}")
         if h:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engram_helpers import data, evaluation, layer_stats, rome, weights
+from engram_helpers import data, layer_stats, rome, sweeps, weights
 from engram_helpers.hooks import trace
 from engram_helpers.models import answer_ids, arch, encode, first_token_id, mlp_out_weight, next_token_probs
 from engram_helpers.query import Query, contexts, subject_last
@@ -75,10 +75,10 @@ def test_hparams_match_model_name_and_architecture():
     smol_model = _Named("/root/.cache/engram-course/models/smollm2-135m-offline", "llama", 30)
     smol = rome.hparams_for(smol_model)
     for named in (smol_model, _Named("/somewhere/gemma-3-270m-offline", "gemma3_text", 18)):
-        hp, sweep = rome.hparams_for(named), rome.choosing_sweep(named)
+        hp, sweep = rome.hparams_for(named), sweeps.choosing_sweep(named)
         assert sweep is not None, "a tuned model's layer comes from a committed sweep (scripts/rome_sweep.py)"
-        assert (hp.layer, hp.status) == (evaluation.chosen_layer(sweep), "tuned"), "hparams follow the committed sweep"
-        assert rome.layer_sweep(named) is not None, "every tuned model also has its sweep over the whole depth"
+        assert (hp.layer, hp.status) == (sweeps.chosen_layer(sweep), "tuned"), "hparams follow the committed sweep"
+        assert sweeps.layer_sweep(named) is not None, "every tuned model also has its sweep over the whole depth"
         assert sweep["split"] == "dev" and set(sweep["fact_ids"]) <= {f.id for f in data.facts_in_split("dev")}
         rule = sweep["settings"].get("rule_reference")  # a check under a rule may sweep only the layers in reach
         assert sweep["complete"] and len(sweep["layers"]) >= (2 if rule is not None else 4)
@@ -89,12 +89,12 @@ def test_hparams_match_model_name_and_architecture():
         assert max(scores, key=scores.__getitem__) == sweep["best_layer"]
     # the same name on another architecture does not get the paper's settings: the depth rule applies
     for named in (smol_model, _Named("/somewhere/gemma-3-270m-offline", "gemma3_text", 18)):
-        fresh = rome.layer_sweep(named, variant="fresh")  # the check that settled each layer: new facts only
-        used = set(rome.layer_sweep(named)["fact_ids"]) | set(rome.layer_sweep(named, "spread")["fact_ids"])
+        fresh = sweeps.layer_sweep(named, variant="fresh")  # the check that settled each layer: new facts only
+        used = set(sweeps.layer_sweep(named)["fact_ids"]) | set(sweeps.layer_sweep(named, "spread")["fact_ids"])
         assert fresh is not None and not used & set(fresh["fact_ids"])
         assert len(fresh["settings"]["excluded_sweeps"]) == 2
         assert fresh["settings"]["rule_reference"] in fresh["layers"], "a check names the layer its rule compares with"
-    assert rome.choosing_sweep(_Named("gpt2-xl", "gpt2", 48)) is None, "the paper's layer, not a sweep's"
+    assert sweeps.choosing_sweep(_Named("gpt2-xl", "gpt2", 48)) is None, "the paper's layer, not a sweep's"
     other = rome.hparams_for(_Named("gpt2-xl", "llama", 48))
     assert other.status == "depth rule" and other.layer == max(1, round(48 * smol.layer / 30))
     assert rome.hparams_for(_Named("gpt2-medium", "gpt2", 24)).status == "depth rule"
