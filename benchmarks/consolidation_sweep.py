@@ -35,14 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram_helpers import data, evaluation, layer_stats, memit, rome
+from engram_helpers import data, evaluation, layer_stats, memit, rome, stats
 from engram_helpers.models import load_model
 
 METRICS = ("efficacy", "paraphrase", "neighbourhood", "accuracy", "entropy")
 
 
 def _interval(values, seed: int) -> list[float]:
-    e = evaluation.bootstrap(values, seed=seed)
+    e = stats.bootstrap(values, seed=seed)
     return [e.mean, e.lo, e.hi]
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram_helpers import data, evaluation, rome, sweeps
+from engram_helpers import data, evaluation, rome, stats, sweeps
 from engram_helpers.models import DEFAULT_MODEL, load_model, model_id
 
 OUT = Path(__file__).parent / "results" / "rome_speed_settings.json"
@@ -64,7 +64,7 @@ def main() -> None:
                 f"within 4 s; steps {ev.values('rome', 'steps').astype(int).tolist()}", flush=True)
     for scores in per.values():  # each fact's three magnitudes added up, what the layer sweep ranks by
         scores["sum"] = np.sum([scores[m] for m in evaluation.MAGNITUDES], axis=0).tolist()
-    diffs = {v: {m: evaluation.bootstrap(np.subtract(per[v][m], per["settings"][m])) for m in SCORES + ("sum",)}
+    diffs = {v: {m: stats.bootstrap(np.subtract(per[v][m], per["settings"][m])) for m in SCORES + ("sum",)}
              for v in per if v != "settings"}  # paired: per-fact differences, bootstrapped over facts
     for v, d in diffs.items():
         print(f"{v} minus the settings: " + "  ".join(f"{m} {x.mean:+.3f} [{x.lo:+.3f}, {x.hi:+.3f}]"

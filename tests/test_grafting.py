@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from engram_helpers import evaluation, weights
 from engram_helpers import grafting as G
+from engram_helpers import stats, weights
 from engram_helpers import textdata as T
 
 
@@ -185,11 +185,11 @@ def test_correct_and_paired_difference_use_the_course_bootstrap(tuned):
     c = G.correct(model, test, ft)
     assert c.dtype == torch.bool and c.double().mean().item() == pytest.approx(G.accuracy(model, test, ft))
     est = G.accuracy_difference(model, test, ft, None)
-    assert isinstance(est, evaluation.Estimate) and est.n == c.numel()
+    assert isinstance(est, stats.Estimate) and est.n == c.numel()
     assert est.mean == pytest.approx(G.accuracy(model, test, ft) - G.accuracy(model, test))
     assert est.lo <= est.mean <= est.hi and 0 < est.hi - est.lo < 0.3
-    same = evaluation.bootstrap((c.double() - G.correct(model, test).double()).numpy())
-    assert (same.mean, same.lo, same.hi) == (est.mean, est.lo, est.hi), "one bootstrap: evaluation.bootstrap"
+    same = stats.bootstrap((c.double() - G.correct(model, test).double()).numpy())
+    assert (same.mean, same.lo, same.hi) == (est.mean, est.lo, est.hi), "one bootstrap: stats.bootstrap"
     zero = G.accuracy_difference(model, test, ft, ft)
     assert (zero.mean, zero.lo, zero.hi) == (0.0, 0.0, 0.0)
     assert not hasattr(G, "bootstrap_ci"), "the duplicate bootstrap is gone"

@@ -294,21 +294,6 @@ def test_ratio_of_averages_is_not_an_average_of_ratios():
         tracing.ratio_of_averages(effects, totals[:1])
 
 
-def test_bootstrap_interval_is_seeded_and_covers_the_mean():
-    rng = np.random.default_rng(0)
-    values = rng.normal(1.0, 1.0, size=(200, 2))
-    low, high = tracing.bootstrap_mean(values, n_boot=500, seed=1)
-    low2, high2 = tracing.bootstrap_mean(values, n_boot=500, seed=1)
-    np.testing.assert_array_equal(low, low2)
-    np.testing.assert_array_equal(high, high2)
-    mean, se = values.mean(axis=0), values.std(axis=0, ddof=1) / np.sqrt(200)
-    assert np.all(low < mean) and np.all(mean < high)
-    np.testing.assert_allclose(high - low, 2 * 1.96 * se, rtol=0.2)  # close to the normal interval
-    one_low, one_high = tracing.bootstrap_mean(values[:1])
-    np.testing.assert_array_equal(one_low, values[0])
-    np.testing.assert_array_equal(one_high, values[0])
-
-
 def test_trace_facts_and_plots(tiny, tok, capsys):
     import matplotlib
     matplotlib.use("Agg")
