@@ -157,7 +157,7 @@ def rule_check(sweep: dict) -> RuleCheck:
     return RuleCheck(reference=reference, best=sweep["best_layer"], kept=kept, totals=sweep_totals(sweep)[0],
                      differences=differences, magnitudes=sweep_estimates(sweep, MAGNITUDES), deeper=deeper,
                      deeper_differences={l: {m: per_score[m][l] for m in MAGNITUDES} for l in deeper},
-                     n_facts=len(sweep["fact_ids"]), n_relations=len({f.relation for f in sweep_facts(sweep)}))
+                     n_facts=len(sweep["fact_ids"]), n_relations=len(data.relations(sweep_facts(sweep))))
 
 
 def recorded_fact_ids(paths: Sequence[str | Path]) -> set[int]:
