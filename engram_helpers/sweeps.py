@@ -125,6 +125,7 @@ class RuleCheck:
     best: int  # the layer with the largest mean of the summed magnitudes
     kept: int  # the layer the rule keeps (:func:`layer_rule`)
     totals: dict[int, Estimate]  # per layer, the summed magnitudes (:func:`sweep_totals`)
+    close: list[int]  # the layers whose mean sum lies within the best layer's interval (:func:`sweep_totals`)
     differences: dict[int, Estimate]  # per layer, its summed magnitudes minus the reference's, fact by fact
     magnitudes: dict[int, dict[str, Estimate]]  # per layer, each of the three magnitudes
     deeper: list[int]  # the layers above both the reference and the best layer
@@ -154,7 +155,8 @@ def rule_check(sweep: dict) -> RuleCheck:
     kept, differences = layer_rule(sweep, reference)
     deeper = [l for l in sweep["layers"] if l > max(reference, sweep["best_layer"])]
     per_score = {m: sweep_differences(sweep, reference, metric=m) for m in MAGNITUDES}
-    return RuleCheck(reference=reference, best=sweep["best_layer"], kept=kept, totals=sweep_totals(sweep)[0],
+    totals, close = sweep_totals(sweep)
+    return RuleCheck(reference=reference, best=sweep["best_layer"], kept=kept, totals=totals, close=close,
                      differences=differences, magnitudes=sweep_estimates(sweep, MAGNITUDES), deeper=deeper,
                      deeper_differences={l: {m: per_score[m][l] for m in MAGNITUDES} for l in deeper},
                      n_facts=len(sweep["fact_ids"]), n_relations=len(data.relations(sweep_facts(sweep))))

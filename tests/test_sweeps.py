@@ -123,6 +123,7 @@ def test_rule_check_reads_each_committed_check_as_its_rule_decides():
         rc = sweeps.rule_check(sweep)
         assert rc.kept == sweeps.chosen_layer(sweep) and rc.reference == sweep["settings"]["rule_reference"]
         assert rc.differences == sweeps.layer_rule(sweep, rc.reference)[1]
+        assert (rc.totals, rc.close) == sweeps.sweep_totals(sweep) and rc.best in rc.close
         assert rc.n_facts == len(sweep["fact_ids"]) and 1 <= rc.n_relations <= rc.n_facts
         assert rc.deeper == [l for l in sweep["layers"] if l > rc.reference and l > sweep["best_layer"]]
         for layer in rc.deeper:
