@@ -79,20 +79,20 @@ def relations(facts: list[Fact] | None = None) -> list[str]:
 
 
 @torch.no_grad()
-def is_known(model, tokenizer, facts: list[Fact] | None = None) -> list[bool]:
+def is_known(model, tok, facts: list[Fact] | None = None) -> list[bool]:
     """For each fact: is the first token of ``" " + target_true`` the model's top-1 next token after the prompt?"""
     facts = load_facts() if facts is None else facts
     if not facts:
         return []
-    probs = next_token_probs(model, tokenizer, [f.prompt for f in facts])
+    probs = next_token_probs(model, tok, [f.prompt for f in facts])
     top = probs.argmax(dim=-1)
-    return [int(t) == first_token_id(tokenizer, f.target_true) for f, t in zip(facts, top)]
+    return [int(t) == first_token_id(tok, f.target_true) for f, t in zip(facts, top)]
 
 
-def known_facts(model, tokenizer, facts: list[Fact] | None = None) -> list[Fact]:
+def known_facts(model, tok, facts: list[Fact] | None = None) -> list[Fact]:
     """The facts whose true object's first token is the model's top-1 prediction after the prompt."""
     facts = load_facts() if facts is None else facts
-    return [f for f, known in zip(facts, is_known(model, tokenizer, facts)) if known]
+    return [f for f, known in zip(facts, is_known(model, tok, facts)) if known]
 
 
 def spread_over_relations(facts: list[Fact], n: int, seed: int = 0) -> list[Fact]:

@@ -409,7 +409,7 @@ def mlp_out_weight(model: nn.Module, layer: int) -> torch.Tensor:
 # Prompts and predictions shared by every method.
 
 
-def bos_prefix(tokenizer) -> str:
+def bos_prefix(tok) -> str:
     """Text put before each prompt: the beginning-of-text token where the model has one.
 
     A tokenizer that adds a beginning-of-sequence token by itself (Gemma's ``<bos>``) gets that token: the
@@ -418,15 +418,15 @@ def bos_prefix(tokenizer) -> str:
     prepends none either, but SmolLM2 recalls facts far better with ``<|endoftext|>`` in front (the token
     that separates its training texts), so that token is used where the vocabulary has it. Else ``""``.
     """
-    bos = tokenizer.bos_token
-    if bos is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+    bos = tok.bos_token
+    if bos is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]:
         return bos
     token = "<|endoftext|>"  # looked up, not searched for in get_vocab(): that builds a dict of the whole vocabulary
-    i = tokenizer.convert_tokens_to_ids(token)
-    return token if i is not None and tokenizer.convert_ids_to_tokens(i) == token else ""
+    i = tok.convert_tokens_to_ids(token)
+    return token if i is not None and tok.convert_ids_to_tokens(i) == token else ""
 
 
-def encode(tokenizer, prompts: list[str] | str, device: str | torch.device = "cpu"):
+def encode(tok, prompts: list[str] | str, device: str | torch.device = "cpu"):
     """Tokenize prompts (with :func:`bos_prefix`), right-padded.
 
     Returns ``(batch, last)``: the tokenizer's batch (input_ids, attention_mask: [n, seq]) and the index
@@ -434,8 +434,8 @@ def encode(tokenizer, prompts: list[str] | str, device: str | torch.device = "cp
     """
     if isinstance(prompts, str):
         prompts = [prompts]
-    prefix = bos_prefix(tokenizer)
-    batch = tokenizer([prefix + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    prefix = bos_prefix(tok)
+    batch = tok([prefix + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
     batch = batch.to(device)
     last = batch["attention_mask"].sum(dim=1) - 1
     return batch, last
@@ -466,41 +466,41 @@ def logits_at(model: nn.Module, batch: dict, rows: torch.Tensor | list[int], col
 
 
 @torch.no_grad()
-def next_token_probs(model: nn.Module, tokenizer, prompts: list[str] | str, batch_size: int = 32) -> torch.Tensor:
+def next_token_probs(model: nn.Module, tok, prompts: list[str] | str, batch_size: int = 32) -> torch.Tensor:
     """Probability of every vocabulary token as the next token after each prompt: [n_prompts, vocab]."""
     if isinstance(prompts, str):
         prompts = [prompts]
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
-        batch, last = encode(tokenizer, prompts[start:start + batch_size], device)
+        batch, last = encode(tok, prompts[start:start + batch_size], device)
         logits = logits_at(model, batch, torch.arange(len(last)), last)
         out.append(torch.softmax(logits.float(), dim=-1).cpu())
     return torch.cat(out)
 
 
-def first_token_id(tokenizer, text: str) -> int:
+def first_token_id(tok, text: str) -> int:
     """Token id of the first token of ``" " + text`` (an answer as it follows a prompt)."""
-    ids = answer_ids(tokenizer, text)
+    ids = answer_ids(tok, text)
     return ids[0]
 
 
-def answer_ids(tokenizer, text: str) -> list[int]:
+def answer_ids(tok, text: str) -> list[int]:
     """Token ids of an answer as it follows a prompt (with one leading space). Raises if it is empty."""
     if not text or not text.strip():
         raise ValueError(f"The answer {text!r} is empty: give the object as a word, e.g. 'Rome'.")
-    ids = tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
+    ids = tok(" " + text.strip(), add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"The answer {text!r} tokenizes to no tokens.")
     return ids
 
 
-def predict(model: nn.Module, tokenizer, prompts: list[str] | str, k: int = 1) -> list[list[tuple[str, float]]]:
+def predict(model: nn.Module, tok, prompts: list[str] | str, k: int = 1) -> list[list[tuple[str, float]]]:
     """Top-``k`` next tokens for each prompt as ``[(token_text, probability), ...]``."""
-    probs = next_token_probs(model, tokenizer, prompts)
+    probs = next_token_probs(model, tok, prompts)
     top = probs.topk(k, dim=-1)
     return [
-        [(tokenizer.decode([int(i)]), float(p)) for p, i in zip(ps, ids)]
+        [(tok.decode([int(i)]), float(p)) for p, i in zip(ps, ids)]
         for ps, ids in zip(top.values, top.indices)
     ]
 

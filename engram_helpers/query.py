@@ -89,22 +89,22 @@ def contexts(query: Query, prefixes: list[str] | tuple[str, ...]) -> list[Query]
     return [query] + [query.in_context(p) for p in prefixes]
 
 
-def subject_span(tokenizer, query: Query) -> tuple[int, int]:
-    """Token positions ``[start, end)`` of the subject in ``models.encode(tokenizer, query.prompt)``.
+def subject_span(tok, query: Query) -> tuple[int, int]:
+    """Token positions ``[start, end)`` of the subject in ``models.encode(tok, query.prompt)``.
 
     Found from the template's ``{}`` and the tokenizer's character offsets, so a tokenizer that merges the
     leading space into the subject's first token (``" France"``) gives the same span as one that does not.
     Positions count the prefix token that :func:`engram_helpers.models.encode` prepends.
     """
-    prefix = bos_prefix(tokenizer)
+    prefix = bos_prefix(tok)
     char_start, char_end = (c + len(prefix) for c in query.subject_chars)
-    enc = tokenizer(prefix + query.prompt, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tok(prefix + query.prompt, add_special_tokens=False, return_offsets_mapping=True)
     inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < char_end and b > char_start and b > a]
     if not inside:
         raise ValueError(f"The subject {query.subject!r} covers no token of the prompt {query.prompt!r}.")
     return inside[0], inside[-1] + 1
 
 
-def subject_last(tokenizer, query: Query) -> int:
-    """Position of the subject's last token in ``models.encode(tokenizer, query.prompt)``."""
-    return subject_span(tokenizer, query)[1] - 1
+def subject_last(tok, query: Query) -> int:
+    """Position of the subject's last token in ``models.encode(tok, query.prompt)``."""
+    return subject_span(tok, query)[1] - 1

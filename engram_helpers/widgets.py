@@ -338,8 +338,9 @@ def edit_explorer(model, tok, fact: Fact | None = None, subject: str = "", promp
 
     The fields start from ``fact`` (its prompt, subject, counterfactual object, first paraphrase and first
     neighbourhood prompt) unless given explicitly. ``edit_kwargs`` go to ``edit_fn`` (default
-    :func:`engram_helpers.rome.apply_rome`, e.g. ``layer=``). With ``apply_initial=True`` the starting edit
-    is applied at once (the model stays edited until *Undo*); otherwise the unedited predictions are shown.
+    :func:`engram_helpers.rome.apply_rome`, e.g. ``hparams=rome.with_settings(hp, layer=4)`` or ``C=``). With
+    ``apply_initial=True`` the starting edit is applied at once (the model stays edited until *Undo*);
+    otherwise the unedited predictions are shown.
     """
     if edit_fn is None:
         from .rome import apply_rome
