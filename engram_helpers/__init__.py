@@ -13,4 +13,4 @@ memory), ``widgets``, ``plots``, ``claims`` (asserted claims), ``glue`` (numbers
 from .models import DEFAULT_MODEL, load_model
 
 __all__ = ["DEFAULT_MODEL", "load_model"]
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # changes since 0.1.0: CHANGELOG.md

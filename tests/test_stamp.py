@@ -32,6 +32,21 @@ def test_config_launch_buttons_point_at_the_release():
     assert config["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
 
 
+def test_versions_follow_the_release():
+    """CITATION.cff cites the released version (course.toml's tag); the library is that release or a later
+    development version (``X.Y.Z.dev0`` between releases), never an older one."""
+    from packaging.version import Version
+
+    import engram_helpers
+
+    cited = yaml.safe_load((ROOT / "CITATION.cff").read_text())["version"]
+    released = COURSE.ref.removeprefix("v")
+    assert cited == released, f"CITATION.cff cites {cited}, course.toml releases {COURSE.ref}: make them agree"
+    library = Version(engram_helpers.__version__)
+    assert library == Version(released) or (library.is_devrelease and library > Version(released)), \
+        f"engram_helpers {library} against the release {released}: see README, 'To release'"
+
+
 def test_every_notebook_links_to_colab_and_its_student_version():
     for path in stamp.notebooks():
         nb = nbformat.read(path, as_version=4)
