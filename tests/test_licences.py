@@ -30,7 +30,6 @@ def test_citation_cff_is_valid_1_2_0():
         assert cff.get(key), key
     assert all("name" in a or "family-names" in a for a in cff["authors"])
     assert cff["type"] in ("software", "dataset")
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert cff["version"] == project["version"] and cff["license"] == "MIT"
+    assert cff["version"] and cff["license"] == "MIT"  # which version: test_stamp.py::test_versions_follow_the_release
     course = tomllib.loads((ROOT / "course.toml").read_text())["course"]
     assert cff["repository-code"] == course["repository"]
